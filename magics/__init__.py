@@ -1,0 +1,17 @@
+"""IPython extension ``aifab.magics``: ``%load_ext aifab.magics`` (the "Python 3 (aifab)"
+kernel loads it for you).
+
+Importing this package registers nothing; IPython calls ``load_ipython_extension``.
+"""
+
+from __future__ import annotations
+
+
+def load_ipython_extension(ipython) -> None:
+    from .session_magics import SessionMagics
+
+    ipython.register_magics(SessionMagics)
+
+
+def unload_ipython_extension(ipython) -> None:  # IPython has no unregister; nothing to undo
+    return None

@@ -1,0 +1,264 @@
+"""PlacementSpawner: one JupyterHub spawner that places a session on this machine, on a
+Slurm allocation or in a Kubernetes pod, as the user's validated choice of profile says.
+
+The pipeline is the one kubespawner taught the field: render the form → parse it (no side
+effects) → validate (allow-lists and bounds) → apply (build the child spawner). The hub's
+hooks all reach the child: port callback, start/poll/stop, progress, state and timeouts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jupyterhub.spawner import Spawner
+from tornado import web
+from traitlets import Any, Dict, List, Type, Unicode, default, observe
+
+from aifab.session import Session
+
+from .form import render_form
+from .options import OptionsError, Placement, options_from_form, validate_options
+from .port_api import install_port_handler
+from .profiles import Profile, ProfileConfigError, load_profiles, load_profiles_file
+
+STATE_VERSION = 1
+
+# batchspawner's import registers a port handler that setattr()s any attribute from the POST
+# body; swap in our strict one now, while the hub is still loading its config (it reads the
+# handler list later, in init_handlers).
+install_port_handler()
+
+DEFAULT_PROFILES = [
+    {
+        "slug": "local-cpu",
+        "display_name": "This machine (CPU)",
+        "description": "A session on the hub's own machine: for trying things out.",
+        "backend": "local",
+        "default": True,
+    }
+]
+
+# What JupyterHub hands a spawner at construction (User._new_spawner) and the child needs.
+_CHILD_KWARGS = (
+    "user", "orm_spawner", "hub", "authenticator", "config", "proxy_spec",
+    "_deprecated_db_session", "oauth_client_id", "cookie_options",
+    "cookie_host_prefix_enabled", "trusted_alt_names", "public_url", "public_hub_url",
+    "internal_ssl", "internal_trust_bundles", "internal_certs_location",
+)
+
+
+class PlacementSpawner(Spawner):
+    profiles = List(
+        Dict(),
+        default_value=DEFAULT_PROFILES,
+        help="""Profiles users choose from. Each is a dict with slug, display_name,
+        description, backend (local | slurm | kubernetes), default, allowed_users,
+        allowed_groups, choices (gpus/cpus/memory_gb as {default, min, max}; walltime as
+        {default, max} in HH:MM:SS; image as {default, allowed: {key: reference}}) and the
+        backend's settings under `slurm:` or `kubernetes:`. See docs/admin-guide.md.""",
+    ).tag(config=True)
+
+    profiles_file = Unicode(
+        "",
+        help="A YAML file holding the profiles (a list, or {profiles: [...]}). Used instead "
+             "of `profiles` when set.",
+    ).tag(config=True)
+
+    local_spawner_class = Type(
+        "aifab.spawners.local.LocalSessionSpawner", klass=Spawner,
+        help="Spawner for profiles with backend 'local'.",
+    ).tag(config=True)
+    slurm_spawner_class = Type(
+        "aifab.spawners.slurm.SlurmSessionSpawner", klass=Spawner,
+        help="Spawner for profiles with backend 'slurm' (a batchspawner.SlurmSpawner).",
+    ).tag(config=True)
+    kubernetes_spawner_class = Type(
+        "aifab.spawners.kubernetes.KubeSessionSpawner", klass=Spawner,
+        help="Spawner for profiles with backend 'kubernetes' (a kubespawner.KubeSpawner).",
+    ).tag(config=True)
+
+    child = Any(None, allow_none=True, help="The backend's spawner for the current session.")
+    placement = Any(None, allow_none=True, help="The validated Placement of this session.")
+
+    # ------------------------------------------------------------ profiles
+    _profile_cache: list[Profile] | None = None
+
+    def load_profiles(self) -> list[Profile]:
+        if self._profile_cache is None:
+            raw = load_profiles_file(self.profiles_file) if self.profiles_file else self.profiles
+            self._profile_cache = load_profiles(raw)
+        return self._profile_cache
+
+    def _user_groups(self) -> list[str]:
+        return [g.name for g in getattr(self.user, "groups", [])]
+
+    def visible_profiles(self) -> list[Profile]:
+        return [p for p in self.load_profiles()
+                if p.visible_to(self.user.name, self._user_groups(), bool(self.user.admin))]
+
+    def profile(self, slug: str) -> Profile | None:
+        return next((p for p in self.load_profiles() if p.slug == slug), None)
+
+    # ------------------------------------------------------------ form → options
+    @default("options_form")
+    def _options_form_default(self):
+        return lambda spawner: render_form(spawner.visible_profiles())
+
+    @default("options_from_form")
+    def _options_from_form_default(self):
+        def parse(formdata):
+            try:
+                return options_from_form(formdata)
+            except OptionsError as exc:
+                raise web.HTTPError(400, str(exc).replace("%", "%%")) from None
+        return parse
+
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        return lambda spawner, user_options: spawner.apply_placement(user_options)
+
+    def apply_placement(self, user_options) -> Placement:
+        """Validate ``user_options`` and build the child spawner. HTTP 400 on a bad option.
+
+        Runs before start() (JupyterHub's apply_user_options hook), and again from start()
+        if an admin replaced that hook, so nothing reaches a child unvalidated.
+        """
+        try:
+            profiles = self.load_profiles()
+        except ProfileConfigError as exc:
+            raise web.HTTPError(500, f"the hub's profiles are misconfigured: {exc}") from None
+        try:
+            placement = validate_options(
+                user_options or {}, profiles, self.user.name, self._user_groups(),
+                bool(self.user.admin),
+            )
+        except OptionsError as exc:
+            # tornado %-formats the message: escape what came from the user
+            raise web.HTTPError(400, str(exc).replace("%", "%%")) from None
+        self.placement = placement
+        self.child = self._make_child(placement, self.profile(placement.profile))
+        self._validated_for_start = True
+        return placement
+
+    # ------------------------------------------------------------ the child
+    def _child_class(self, backend: str) -> type[Spawner]:
+        return {
+            "local": self.local_spawner_class,
+            "slurm": self.slurm_spawner_class,
+            "kubernetes": self.kubernetes_spawner_class,
+        }[backend]
+
+    def _make_child(self, placement: Placement, profile: Profile | None) -> Spawner:
+        kwargs = {k: getattr(self, k) for k in _CHILD_KWARGS if hasattr(self, k)}
+        # the user's raw options never reach the child (batchspawner merges them into its
+        # script): the child sees only what configure_child derives from the placement
+        child = self._child_class(placement.backend)(**kwargs, user_options={})
+        child.clear_state()
+        self.configure_child(child, placement, profile)
+        # JupyterHub applies the *wrapper's* timeouts: take the child's
+        self.start_timeout = child.start_timeout
+        self.http_timeout = child.http_timeout
+        return child
+
+    def configure_child(self, child: Spawner, placement: Placement,
+                        profile: Profile | None) -> None:
+        """Set the child's traits from the placement (and the profile's admin settings)."""
+        contract = Session(
+            backend=placement.backend, profile=placement.profile, gpu_count=placement.gpus,
+        ).to_env()
+        if placement.backend == "local":
+            # a local session has no scheduler limit; the profile's walltime is informative
+            pass
+        elif placement.backend == "slurm":
+            from .slurm import configure_slurm_child
+
+            configure_slurm_child(child, placement, profile)
+        else:
+            from .kubernetes import configure_kube_child
+
+            end = time.time() + placement.walltime_s
+            contract["AIFAB_WALLTIME_END"] = str(int(end))
+            configure_kube_child(child, placement, profile)
+        child.environment = {**child.environment, **contract}
+
+    # ------------------------------------------------------------ hub → child
+    @observe("port")
+    def _forward_port(self, change):
+        # the job reports its port to the hub, which sets it on us (see port_api)
+        if self.child is not None and change.new:
+            self.child.port = change.new
+
+    @observe("api_token", "admin_access", "cert_paths")
+    def _forward_token(self, change):
+        if self.child is not None:
+            setattr(self.child, change.name, change.new)
+
+    _validated_for_start = False
+
+    async def start(self):
+        if not self._validated_for_start:
+            self.apply_placement(self.user_options)
+        self._validated_for_start = False
+        self.port = 0  # a stale value would hide the job's port callback (no change event)
+        child = self.child
+        child.api_token = self.api_token
+        child.admin_access = self.admin_access
+        child.cert_paths = self.cert_paths
+        child.handler = self.handler
+        self.log.info("%s: starting profile %r on %s", self._log_name, self.placement.profile,
+                      self.placement.backend)
+        return await child.start()
+
+    async def poll(self):
+        if self.child is None:
+            return 0
+        return await self.child.poll()
+
+    async def stop(self, now=False):
+        if self.child is not None:
+            await self.child.stop(now=now)
+
+    async def progress(self):
+        p = self.placement
+        if p is not None:
+            yield {"progress": 5, "message": f"Profile {p.profile!r}: {p.gpus} GPU(s), "
+                                             f"{p.cpus} CPU(s), {p.memory_gb} GiB"}
+        if self.child is not None:
+            async for event in self.child.progress():
+                yield event
+
+    # ------------------------------------------------------------ state
+    def get_state(self):
+        state = super().get_state()
+        if self.placement is not None:
+            state["aifab"] = {
+                "version": STATE_VERSION,
+                "placement": self.placement.to_state(),
+                "child": self.child.get_state() if self.child is not None else {},
+            }
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        saved = (state or {}).get("aifab")
+        if not saved:
+            return
+        if saved.get("version") != STATE_VERSION:
+            self.log.warning("%s: saved state version %r is not %r; not re-adopting",
+                             self._log_name, saved.get("version"), STATE_VERSION)
+            return
+        placement = Placement(**saved["placement"])
+        profile = self.profile(placement.profile)
+        if profile is None:
+            self.log.warning(
+                "%s: profile %r is no longer configured; the running session is kept and "
+                "can be stopped, but a new start must choose another profile",
+                self._log_name, placement.profile)
+        self.placement = placement
+        self.child = self._make_child(placement, profile)
+        self.child.load_state(saved.get("child", {}))
+
+    def clear_state(self):
+        super().clear_state()
+        if self.child is not None:
+            self.child.clear_state()

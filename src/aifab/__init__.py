@@ -1,0 +1,13 @@
+"""jupyter-aifab: notebook sessions for AI work on supercomputers.
+
+The import namespace ``aifab`` holds four subpackages that live in the repository's
+top-level folders (``aifab.spawners``, ``aifab.extension``, ``aifab.kernels``,
+``aifab.magics``) and this small root package: the session contract shared by the hub
+side and the session side. Importing it is cheap and has no side effects.
+"""
+
+from .session import Session, SessionContractError
+
+__version__ = "0.1.0"
+
+__all__ = ["Session", "SessionContractError", "__version__"]
