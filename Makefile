@@ -1,0 +1,56 @@
+# jupyter-aifab: `make demo` and `make test` are all a newcomer needs (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# A venv from Debian's Python: world-readable, so Slurm jobs of other users can run it.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch this machine image carries (pip takes it from its local wheel).
+TORCH ?= torch==2.13.0
+CHP_VERSION := 4.6.3
+EXTRAS ?= tiny,test
+STAMP := $(VENV)/.deps-stamp
+DEMO_STATE ?= demo-state
+PYTEST_ARGS ?=
+
+.PHONY: help demo test lint install system-deps clean
+
+help:
+	@echo "make demo   - install into .venv and start the demo hub on http://127.0.0.1:8000"
+	@echo "make test   - install everything the suite needs and run it"
+	@echo "make lint   - ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q ".[$(EXTRAS)]"
+	touch $@
+
+$(BIN)/configurable-http-proxy: | $(BIN)/python
+	npm install -s --prefix $(VENV)/chp --no-audit --no-fund configurable-http-proxy@$(CHP_VERSION)
+	ln -sf ../chp/node_modules/.bin/configurable-http-proxy $@
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+# The package is always reinstalled (not editable): tests and the demo use what users install.
+install: system-deps $(STAMP) $(BIN)/configurable-http-proxy
+	$(BIN)/pip install -q --no-deps --force-reinstall .
+	$(BIN)/aifab kernels install --sys-prefix >/dev/null
+
+demo: install
+	@test -e $(DEMO_STATE)/tiny-model || $(BIN)/aifab tiny-model $(DEMO_STATE)/tiny-model
+	$(BIN)/jupyterhub -f demo/jupyterhub_config.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .cache

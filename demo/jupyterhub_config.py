@@ -1,0 +1,48 @@
+"""The demo hub of `make demo`: JupyterHub on http://127.0.0.1:8000 with PlacementSpawner and
+its embedded default profile (a session on this machine).
+
+Environment: AIFAB_DEMO_STATE (default ./demo-state) holds the database, the password and
+the users' directories; AIFAB_DEMO_PORT (default 8000).
+"""
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from aifab.spawners import use_placement_spawner
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+HERE = Path(__file__).resolve().parent
+STATE = Path(os.environ.get("AIFAB_DEMO_STATE", HERE.parent / "demo-state")).resolve()
+PORT = int(os.environ.get("AIFAB_DEMO_PORT", "8000"))
+STATE.mkdir(parents=True, exist_ok=True)
+
+# A class-style shared password (JupyterHub's own SharedPasswordAuthenticator), made once.
+password_file = STATE / "password"
+if not password_file.exists():
+    password_file.write_text(secrets.token_urlsafe(9))
+    password_file.chmod(0o600)
+password = password_file.read_text().strip()
+
+c.JupyterHub.bind_url = f"http://127.0.0.1:{PORT}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
+c.ConfigurableHTTPProxy.command = [str(Path(sys.prefix) / "bin" / "configurable-http-proxy")]
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = password
+c.Authenticator.allow_all = True
+
+use_placement_spawner(c, profiles_file=str(HERE.parent / "docs/examples/demo-profiles.yaml"))
+c.Spawner.default_url = "/lab"
+c.LocalSessionSpawner.home_dir_template = str(STATE / "users" / "{username}")
+
+print(
+    f"\n  jupyter-aifab demo hub: open http://127.0.0.1:{PORT}\n"
+    f"  log in with any user name and the password: {password}\n"
+    f"  (stop with Ctrl-C; state in {STATE})\n",
+    file=sys.stderr,
+)

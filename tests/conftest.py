@@ -1,0 +1,123 @@
+"""Shared fixtures: real components, started once per test session.
+
+* ``slurm``      a real single-node Slurm (Debian's slurmctld/slurmd/munge), 4 fake GPUs
+* ``test_user``  an unprivileged Unix account for jobs that run as a user
+* ``tiny_model`` the offline tiny Llama, built once and cached by content hash
+* ``hub_factory`` real JupyterHub + configurable-http-proxy processes
+
+When a test fails, the logs of the real components it used are attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.harness.hub import Hub
+from tests.harness.slurm import SlurmCluster, SlurmConfig
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TEST_USER = "aifabtest"
+
+
+def _gpu_visible() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def _cluster_configured() -> bool:
+    path = os.environ.get("KUBECONFIG", "")
+    return bool(path) and all(Path(p).is_file() for p in path.split(os.pathsep))
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu, k8s = _gpu_visible(), _cluster_configured()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(
+                reason="no NVIDIA GPU visible here (nvidia-smi lists none); CI machines have "
+                       "no GPU, run these where one is"))
+        if "k8s_live" in item.keywords and not k8s:
+            item.add_marker(pytest.mark.skip(
+                reason="KUBECONFIG does not point at a Kubernetes cluster (none can run on "
+                       "these machines); manifests are validated offline instead"))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and rep.when in ("setup", "call"):
+        for name, value in getattr(item, "funcargs", {}).items():
+            tail = getattr(value, "log_tail", None)
+            if callable(tail):
+                rep.sections.append((f"log of fixture {name!r}", tail()))
+
+
+@pytest.fixture(scope="session")
+def work_root():
+    """A temporary root that users other than root may traverse (jobs run as test_user)."""
+    root = Path(tempfile.mkdtemp(prefix="aifab-tests-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm(work_root):
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm fixture needs root (slurmd runs jobs as other users); "
+                    "run the suite as root, as `make test` does in CI")
+    cluster = SlurmCluster(SlurmConfig(root=work_root / "slurm", partitions=("debug", "gh200")))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def test_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER],
+                       check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from aifab.tiny_model import build_cached
+
+    cache = Path(os.environ.get("AIFAB_TEST_CACHE", REPO / ".cache")) / "tiny-model"
+    return build_cached(cache)
+
+
+@pytest.fixture
+def hub_factory(work_root):
+    """Make Hub objects; every hub made is stopped at the end of the test."""
+    made: list[Hub] = []
+
+    def make(**kw) -> Hub:
+        root = Path(tempfile.mkdtemp(prefix="hub-", dir=work_root))
+        root.chmod(0o755)
+        hub = Hub(root, **kw)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.stop()
