@@ -228,7 +228,7 @@ class SlurmSessionSpawner(SlurmSpawner):
 
     # ------------------------------------------------------------ start / progress
     async def start(self):
-        self.ip = self.traits()["ip"].default_value
+        # unlike batchspawner, keep a configured ip: the server binds there on the node
         self.port = 0
         if self.server:
             self.server.port = 0

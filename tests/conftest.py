@@ -82,7 +82,10 @@ def slurm(work_root):
     if os.geteuid() != 0:
         pytest.fail("the Slurm fixture needs root (slurmd runs jobs as other users); "
                     "run the suite as root, as `make test` does in CI")
-    cluster = SlurmCluster(SlurmConfig(root=work_root / "slurm", partitions=("debug", "gh200")))
+    cluster = SlurmCluster(SlurmConfig(
+        # shaped like a GH200 node, so the site example loads as it is
+        root=work_root / "slurm", cpus=288, mem_mb=470_000, gpu_type="gh200",
+        partitions=("debug", "gh200")))
     cluster.start()
     yield cluster
     cluster.stop()

@@ -63,60 +63,56 @@ def _gpu_job(cluster: SlurmCluster, out: Path) -> str:
 
 
 @pytest.mark.slurm
-def test_real_cluster_gpus(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("a real Slurm cluster needs root")
-    root = tmp_path_factory.mktemp("slurm")
-    # jobs may run as other users: the root and its parents must be traversable
-    for d in (root, *root.parents):
-        if d == Path("/tmp") or d == d.parent:
-            break
-        d.chmod(0o755)
-    cluster = SlurmCluster(SlurmConfig(root=root))
-    assert os.path.realpath("/etc/slurm/slurm.conf") != str(cluster.conf_path)
-    t0 = time.monotonic()
-    cluster.start()
-    print(f"start() took {time.monotonic() - t0:.2f}s")
-    assert os.path.realpath("/etc/slurm/slurm.conf") == str(cluster.conf_path)
-    daemons = [int((root / "pids" / f"{n}.pid").read_text()) for n in
-               ("munged", "slurmctld", "slurmd")]
+def test_fake_gpus_are_allocated_like_real_ones(slurm, work_root) -> None:
+    """The session cluster: two 2-GPU jobs get disjoint GPUs, a third waits on Resources."""
+    assert os.path.realpath("/etc/slurm/slurm.conf") == str(slurm.conf_path)
+    outs = [work_root / f"gpu-job{i}.out" for i in range(2)]
+    jobs = [_gpu_job(slurm, out) for out in outs]
     try:
-        outs = [root / f"job{i}.out" for i in range(2)]
-        jobs = [_gpu_job(cluster, out) for out in outs]
-
         def both_running() -> bool:
-            rows = {r["job_id"]: r for r in cluster.squeue()}
+            rows = {r["job_id"]: r for r in slurm.squeue()}
             return all(rows.get(j, {}).get("state") == "RUNNING" for j in jobs) and all(
                 o.exists() and o.read_text().strip() for o in outs)
 
-        cluster.wait_for(both_running, 20, what="two 2-GPU jobs running with output")
+        slurm.wait_for(both_running, 20, what="two 2-GPU jobs running with output")
         assert sorted(o.read_text().strip() for o in outs) == ["0,1", "2,3"]
 
-        third = _gpu_job(cluster, root / "job2.out")
+        third = _gpu_job(slurm, work_root / "gpu-job2.out")
+        jobs.append(third)
 
         def third_waits() -> bool:
-            rows = cluster.squeue("-j", third)
+            rows = slurm.squeue("-j", third)
             return bool(rows) and (rows[0]["state"], rows[0]["reason"]) == ("PENDING", "Resources")
 
-        cluster.wait_for(third_waits, 10, what="third 2-GPU job PENDING (Resources)")
-        row = cluster.squeue("-j", third)[0]
-        assert row["gres"].endswith("gpu:2"), row
-
-        too_many = cluster.run("sbatch", "--parsable", "--gpus-per-node=5", "--wrap", "true",
-                               check=False)
+        slurm.wait_for(third_waits, 10, what="third 2-GPU job PENDING (Resources)")
+        too_many = slurm.run("sbatch", "--parsable", "--gpus-per-node=5", "--wrap", "true",
+                             check=False)
         assert too_many.returncode != 0, too_many.stdout
 
         # a second cluster on the same ports names the slurmctld holding the port
-        other = SlurmCluster(SlurmConfig(root=root / "other", link_etc=False))
-        with pytest.raises(SlurmHarnessError, match=rf"(?s)6817.*pid {daemons[1]}.*left over"):
+        ctld = int((slurm.root / "pids" / "slurmctld.pid").read_text())
+        other = SlurmCluster(SlurmConfig(root=work_root / "other", link_etc=False))
+        with pytest.raises(SlurmHarnessError, match=rf"(?s)6817.*pid {ctld}.*left over"):
             other.start(timeout=10)
-        assert not list((root / "other" / "pids").glob("*.pid"))
-    except BaseException:
-        print(cluster.log_tail())
-        raise
+        assert not list((work_root / "other" / "pids").glob("*.pid"))
     finally:
-        t0 = time.monotonic()
-        cluster.stop()
-        print(f"stop() took {time.monotonic() - t0:.2f}s")
+        slurm.run("scancel", *jobs, check=False)
+        slurm.wait_for(lambda: not slurm.squeue(), 15, what="test jobs cancelled")
+
+
+@pytest.mark.slurm
+def test_stop_ends_exactly_the_recorded_daemons(slurm, work_root) -> None:
+    """A second, private cluster on other ports: start, stop, nothing left."""
+    root = work_root / "second"
+    cluster = SlurmCluster(SlurmConfig(root=root, gpus=0, ctld_port=6917, slurmd_port=6918,
+                                       link_etc=False))
+    cluster.start(warmup=False)
+    daemons = [int((root / "pids" / f"{n}.pid").read_text())
+               for n in ("munged", "slurmctld", "slurmd")]
+    t0 = time.monotonic()
+    cluster.stop()
+    print(f"stop() took {time.monotonic() - t0:.2f}s")
     assert not any(_running(pid) for pid in daemons)
     assert not list((root / "pids").glob("*.pid"))
+    # the session cluster is untouched
+    assert slurm.run("sinfo", "-h", "-o", "%T").stdout.split()[0] in ("idle", "mixed")
