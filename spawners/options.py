@@ -20,6 +20,9 @@ _INT = re.compile(r"[0-9]{1,9}")
 UNIX_USERNAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 
 
+_ABSENT = object()  # an option not given at all (an explicit null is a mistake)
+
+
 class OptionsError(ValueError):
     """A user's option is not allowed. ``field`` names it; the message says what is."""
 
@@ -93,10 +96,10 @@ def validate_options(
     visible = [p for p in profiles if p.visible_to(username, groups, admin)]
     if not visible:
         raise OptionsError("profile", f"no profile is available to user {username!r}")
-    slug = user_options.get("profile")
-    if slug is None:
+    if "profile" not in user_options:
         profile = next((p for p in visible if p.default), visible[0])
     else:
+        slug = user_options["profile"]
         profile = next((p for p in visible if isinstance(slug, str) and p.slug == slug), None)
         if profile is None:
             allowed = ", ".join(p.slug for p in visible)
@@ -110,7 +113,7 @@ def validate_options(
     gpus = _bounded(user_options, "gpus", c.gpus, profile)
     cpus = _bounded(user_options, "cpus", c.cpus, profile)
     memory = _bounded(user_options, "memory_gb", c.memory_gb, profile, " GiB")
-    walltime = _walltime(user_options.get("walltime"), c.walltime, profile)
+    walltime = _walltime(user_options.get("walltime", _ABSENT), c.walltime, profile)
     image, image_ref = "", ""
     if c.images:
         image = user_options.get("image", c.default_image)
@@ -142,7 +145,7 @@ def _bounded(opts: Mapping, key: str, bounds: IntRange, profile: Profile, unit: 
 def _walltime(value, bounds: IntRange, profile: Profile) -> int:
     allowed = (f"{format_walltime(bounds.min)} to {format_walltime(bounds.max)} "
                f"(default {format_walltime(bounds.default)})")
-    if value is None:
+    if value is _ABSENT:
         return bounds.default
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value * 60  # a bare number is minutes, as in sbatch --time

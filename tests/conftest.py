@@ -109,6 +109,23 @@ def tiny_model() -> Path:
     return build_cached(cache)
 
 
+@pytest.fixture(scope="session")
+def slurm_hub(slurm, test_user, work_root):
+    """One hub with the site example (docs/examples) on the Slurm fixture, for the session."""
+    from tests.slurm_hub import create_hub_user, make_slurm_hub
+
+    root = Path(tempfile.mkdtemp(prefix="slurm-hub-", dir=work_root))
+    root.chmod(0o755)
+    hub = make_slurm_hub(root)
+    hub.start()
+    create_hub_user(hub, test_user.pw_name)
+    yield hub
+    hub.stop()  # the site config keeps sessions running over a hub stop: end them here
+    jobs = [r["job_id"] for r in slurm.squeue() if r["name"].startswith("aifab-")]
+    if jobs:
+        slurm.run("scancel", *jobs, check=False)
+
+
 @pytest.fixture
 def hub_factory(work_root):
     """Make Hub objects; every hub made is stopped at the end of the test."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+from urllib.parse import quote
 import sys
 from pathlib import Path
+
+import requests
 
 from tests.harness.hub import Hub
 
@@ -32,9 +35,21 @@ def ensure_unix_user(name: str) -> None:
 
 
 def create_hub_user(hub: Hub, name: str, groups: tuple[str, ...] = ()) -> None:
-    r = hub.api("POST", f"/users/{name}")
+    r = hub.api("POST", f"/users/{quote(name, safe='')}")
     assert r.status_code in (201, 409), r.text
     for g in groups:
         hub.api("POST", f"/groups/{g}")
         r = hub.api("POST", f"/groups/{g}/users", json={"users": [name]})
         assert r.status_code == 200, r.text
+
+
+def proxied(hub: Hub, path: str) -> requests.Response:
+    """A request through the proxy to a user's server, with the hub token (access:servers)."""
+    return requests.get(f"{hub.url}{path}", headers={"Authorization": f"token {hub.token}"},
+                        timeout=30)
+
+
+def session_job(slurm, user: str) -> dict | None:
+    """The user's session job in squeue, if any."""
+    rows = [r for r in slurm.squeue("-u", user) if r["name"] == f"aifab-{user}"]
+    return rows[0] if rows else None

@@ -4,41 +4,15 @@ example configuration loaded as it is."""
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.slurm_hub import create_hub_user, make_slurm_hub
+from tests.slurm_hub import create_hub_user, ensure_unix_user, proxied, session_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.hub]
-
-
-@pytest.fixture(scope="module")
-def slurm_hub(slurm, test_user, work_root):
-    root = Path(tempfile.mkdtemp(prefix="slurm-hub-", dir=work_root))
-    root.chmod(0o755)
-    hub = make_slurm_hub(root)
-    hub.start()
-    create_hub_user(hub, test_user.pw_name)
-    yield hub
-    for name in (test_user.pw_name,):
-        hub.api("DELETE", f"/users/{name}/server")
-    hub.stop()
-    slurm.run("scancel", "--user", test_user.pw_name, check=False)
-
-
-def proxied(hub, path: str) -> requests.Response:
-    """A request through the proxy to a user's server, with the hub token (access:servers)."""
-    return requests.get(f"{hub.url}{path}", headers={"Authorization": f"token {hub.token}"},
-                        timeout=30)
-
-
-def session_job(slurm, user: str) -> dict | None:
-    rows = [r for r in slurm.squeue("-u", user) if r["name"] == f"aifab-{user}"]
-    return rows[0] if rows else None
 
 
 def test_gpu_session_on_slurm_reaches_the_user_and_stops_cleanly(slurm_hub, slurm, test_user):
@@ -107,3 +81,31 @@ def test_queue_wait_shows_slurms_reason_then_starts(slurm_hub, slurm, test_user,
     assert proxied(slurm_hub, f"/user/{user}/api/status").status_code == 200
     slurm_hub.api("DELETE", f"/users/{user}/server")
     slurm_hub.wait_for_stopped(user)
+
+
+def test_hub_restart_readopts_three_running_sessions(slurm_hub, slurm, test_user):
+    users = [test_user.pw_name, "aifabtest2", "aifabtest3"]
+    for name in users[1:]:
+        ensure_unix_user(name)
+        create_hub_user(slurm_hub, name)
+    for name in users:
+        r = slurm_hub.api("POST", f"/users/{name}/server", json={"profile": "gh200", "gpus": 1})
+        assert r.status_code in (201, 202), r.text
+    for name in users:
+        slurm_hub.wait_for_server(name, timeout=90)
+    jobs_before = {name: session_job(slurm, name)["job_id"] for name in users}
+
+    slurm_hub.restart()
+
+    for name in users:
+        assert proxied(slurm_hub, f"/user/{name}/api/status").status_code == 200, name
+        assert slurm_hub.user_model(name)["servers"][""]["ready"]
+    jobs_after = {name: (session_job(slurm, name) or {}).get("job_id") for name in users}
+    assert jobs_after == jobs_before  # none cancelled, none resubmitted
+
+    for name in users:
+        slurm_hub.api("DELETE", f"/users/{name}/server")
+    for name in users:
+        slurm_hub.wait_for_stopped(name)
+    slurm.wait_for(lambda: all(session_job(slurm, n) is None for n in users), 20,
+                   what="all three session jobs gone")
