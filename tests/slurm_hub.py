@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-from urllib.parse import quote
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import requests
 

@@ -28,8 +28,8 @@ def out_of(lo: int, hi: int):
                      st.integers(min_value=hi + 1, max_value=10**6).map(str))
 
 
-not_a_number = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(), INJECT,
-                         st.lists(st.integers(0, 2), max_size=2),
+not_a_number = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                         st.none(), INJECT, st.lists(st.integers(0, 2), max_size=2),
                          st.text(alphabet="abc;$()`|&", min_size=1, max_size=10))
 bad_number = st.one_of(
     st.tuples(st.just("gpus"), st.one_of(out_of(0, 4), not_a_number)),
