@@ -19,8 +19,11 @@ from traitlets import default
 class LocalSessionSpawner(SimpleLocalProcessSpawner):
     @default("cmd")
     def _cmd_default(self):
-        # the single-user server of this very environment, not whatever PATH finds first
-        return [os.path.join(sys.prefix, "bin", "jupyterhub-singleuser")]
+        # the single-user server of this very environment, not whatever PATH finds first,
+        # through our launcher (it defers a slow import, see aifab/singleuser.py)
+        bindir = os.path.join(sys.prefix, "bin")
+        return [os.path.join(bindir, "aifab-singleuser"),
+                os.path.join(bindir, "jupyterhub-singleuser")]
 
     @default("ip")
     def _ip_default(self):

@@ -8,10 +8,13 @@ hooks all reach the child: port callback, start/poll/stop, progress, state and t
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from jupyterhub.spawner import Spawner
+from jupyterhub.utils import url_path_join
 from tornado import web
+from tornado.httpclient import AsyncHTTPClient
 from traitlets import Any, Dict, List, Type, Unicode, default, observe
 
 from aifab.session import Session
@@ -207,7 +210,39 @@ class PlacementSpawner(Spawner):
         child.handler = self.handler
         self.log.info("%s: starting profile %r on %s", self._log_name, self.placement.profile,
                       self.placement.backend)
-        return await child.start()
+        where = await child.start()
+        await self._wait_until_listening(where)
+        return where
+
+    async def _wait_until_listening(self, where) -> None:
+        """Return as soon as the server answers HTTP at all.
+
+        The hub then checks it once and finds it up; left to itself it polls with an
+        exponential backoff and typically notices a server ~1 s after it started listening.
+        On timeout, or if the child ends, we return and the hub's own check reports it.
+        """
+        if self.internal_ssl or self.server is None:
+            return
+        if isinstance(where, str):
+            base = where.rstrip("/")
+        else:
+            ip, port = where
+            base = f"http://{'[' + ip + ']' if ':' in ip else ip}:{int(port)}"
+        url = base + url_path_join(self.server.base_url, "api")
+        client = AsyncHTTPClient()
+        deadline = time.monotonic() + self.http_timeout
+        next_poll = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            try:
+                await client.fetch(url, request_timeout=2, raise_error=False)
+                return
+            except OSError:  # not listening yet
+                pass
+            if time.monotonic() > next_poll:
+                next_poll = time.monotonic() + 1
+                if await self.child.poll() is not None:
+                    return
+            await asyncio.sleep(0.05)
 
     async def poll(self):
         if self.child is None:

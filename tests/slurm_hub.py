@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 # What differs from a site: the single-user server is this venv's, on loopback.
 TEST_OVERRIDES = f"""
 c.SlurmSessionSpawner.cmd = [{str(BIN / 'jupyterhub-singleuser')!r}]
-c.SlurmSessionSpawner.batchspawner_singleuser_cmd = {str(BIN / 'batchspawner-singleuser')!r}
+c.SlurmSessionSpawner.batchspawner_singleuser_cmd = {str(BIN / 'aifab-singleuser')!r}
 c.SlurmSessionSpawner.ip = '127.0.0.1'
 c.SlurmSessionSpawner.start_timeout = 120
 c.JupyterHub.authenticator_class = 'null'

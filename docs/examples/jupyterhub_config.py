@@ -22,6 +22,6 @@ c.Spawner.default_url = "/lab"
 
 # The single-user server inside the job (the site's environment on the compute node).
 c.SlurmSessionSpawner.cmd = ["jupyterhub-singleuser"]
-c.SlurmSessionSpawner.batchspawner_singleuser_cmd = "batchspawner-singleuser"
+c.SlurmSessionSpawner.batchspawner_singleuser_cmd = "aifab-singleuser"
 # A queue wait counts against start_timeout: give the scheduler time.
 c.SlurmSessionSpawner.start_timeout = 600
