@@ -10,7 +10,10 @@ import secrets
 import sys
 from pathlib import Path
 
+import yaml
+
 from aifab.spawners import use_placement_spawner
+from aifab.spawners.discover import discover_slurm_profiles
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -36,12 +39,25 @@ c.JupyterHub.authenticator_class = "shared-password"
 c.SharedPasswordAuthenticator.user_password = password
 c.Authenticator.allow_all = True
 
-use_placement_spawner(c, profiles_file=str(HERE.parent / "docs/examples/demo-profiles.yaml"))
+# The embedded default (this machine), plus one profile per partition of a Slurm this machine
+# can reach (set AIFAB_DEMO_SLURM=0 to leave them out).
+profiles = yaml.safe_load((HERE.parent / "docs/examples/demo-profiles.yaml").read_text())
+profiles = profiles["profiles"]
+if os.environ.get("AIFAB_DEMO_SLURM", "1") != "0":
+    profiles += discover_slurm_profiles()
+use_placement_spawner(c, profiles=profiles)
+BIN = Path(sys.prefix) / "bin"
+c.SlurmSessionSpawner.cmd = [str(BIN / "jupyterhub-singleuser")]
+c.SlurmSessionSpawner.batchspawner_singleuser_cmd = str(BIN / "aifab-singleuser")
+c.SlurmSessionSpawner.ip = "127.0.0.1"  # the demo's Slurm is this machine
 c.Spawner.default_url = "/lab"
 c.LocalSessionSpawner.home_dir_template = str(STATE / "users" / "{username}")
 
+partitions = ", ".join(p["slurm"]["partition"] for p in profiles if p["backend"] == "slurm")
+slurm_note = (f"  Slurm partitions offered: {partitions} (log in with a Unix user name to use "
+              "them)\n" if partitions else "")
 print(
-    f"\n  jupyter-aifab demo hub: open http://127.0.0.1:{PORT}\n"
+    f"\n  jupyter-aifab demo hub: open http://127.0.0.1:{PORT}\n{slurm_note}"
     f"  log in with any user name and the password: {password}\n"
     f"  (stop with Ctrl-C; state in {STATE})\n",
     file=sys.stderr,

@@ -181,6 +181,7 @@ class PlacementSpawner(Spawner):
 
             end = time.time() + placement.walltime_s
             contract["AIFAB_WALLTIME_END"] = str(int(end))
+            contract["AIFAB_POD_NAME"] = child.pod_name
             configure_kube_child(child, placement, profile)
         child.environment = {**child.environment, **contract}
 
@@ -197,11 +198,19 @@ class PlacementSpawner(Spawner):
             setattr(self.child, change.name, change.new)
 
     _validated_for_start = False
+    _listening_at = ""
+
+    @default("_listening")
+    def _listening_default(self):
+        return asyncio.Event()
+
+    _listening = Any()
 
     async def start(self):
         if not self._validated_for_start:
             self.apply_placement(self.user_options)
         self._validated_for_start = False
+        self._listening = asyncio.Event()
         self.port = 0  # a stale value would hide the job's port callback (no change event)
         child = self.child
         child.api_token = self.api_token
@@ -229,12 +238,14 @@ class PlacementSpawner(Spawner):
             ip, port = where
             base = f"http://{'[' + ip + ']' if ':' in ip else ip}:{int(port)}"
         url = base + url_path_join(self.server.base_url, "api")
+        self._listening_at = base
         client = AsyncHTTPClient()
         deadline = time.monotonic() + self.http_timeout
         next_poll = time.monotonic() + 1
         while time.monotonic() < deadline:
             try:
                 await client.fetch(url, request_timeout=2, raise_error=False)
+                self._listening.set()
                 return
             except OSError:  # not listening yet
                 pass
@@ -261,6 +272,8 @@ class PlacementSpawner(Spawner):
         if self.child is not None:
             async for event in self.child.progress():
                 yield event
+        await self._listening.wait()
+        yield {"progress": 90, "message": f"Server up at {self._listening_at}; connecting"}
 
     # ------------------------------------------------------------ state
     def get_state(self):

@@ -20,9 +20,9 @@ class PortAPIHandler(APIHandler):
     @web.authenticated
     def post(self) -> None:
         token = self.get_auth_token()
-        spawner = next(
-            (s for s in self.current_user.spawners.values() if s.api_token == token), None
-        )
+        # a service's token has no spawners: refused like any token that is no server's
+        spawners = getattr(self.current_user, "spawners", {})
+        spawner = next((s for s in spawners.values() if s.api_token == token), None)
         if spawner is None:
             raise web.HTTPError(403, "this token belongs to no running server")
         data = self.get_json_body()

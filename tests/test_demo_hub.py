@@ -14,7 +14,8 @@ DEMO_CONFIG = REPO / "demo" / "jupyterhub_config.py"
 
 
 @pytest.fixture
-def demo_hub(hub_factory, work_root, tmp_path):
+def demo_hub(hub_factory, slurm, tmp_path):
+    """The demo hub; with the Slurm fixture up, it also offers that cluster's partitions."""
     state = tmp_path / "demo-state"
     hub = hub_factory(config_file=DEMO_CONFIG, env={"AIFAB_DEMO_STATE": str(state)})
     hub.start()
@@ -23,12 +24,14 @@ def demo_hub(hub_factory, work_root, tmp_path):
 
 
 @pytest.mark.hub
+@pytest.mark.slurm
 def test_login_start_and_land_in_jupyterlab_with_the_aifab_kernel(demo_hub):
     person = HubSession(demo_hub.url)
     assert person.login("ada", demo_hub.password).status_code == 200
 
     html = person.options_form("ada")
     assert "This machine (CPU)" in html
+    assert "Slurm partition gh200 (4 GPUs per node)" in html  # found by the demo
     fields = form_fields(html)
     assert fields["profile"] == "local-cpu"
 

@@ -179,3 +179,19 @@ def test_batch_script_refuses_an_env_name_that_is_not_one():
     with pytest.raises(ValueError, match="cannot be exported"):
         render_batch_script(p, GH200.slurm, job_name="j", output="o", workdir="w",
                             export=["A,B"], command=["x"])
+
+
+# ---------------------------------------------------------------- discovery (demo)
+def test_profiles_from_sinfo_output():
+    from aifab.spawners.discover import profiles_from_sinfo
+
+    text = ("debug|(null)|8|16000|infinite\n"
+            "gh200|gpu:gh200:4|288|470000|1-00:00:00\n"
+            "gh200|gpu:gh200:4|288|470000|1-00:00:00\n"  # a second node line
+            "bad name|gpu:2|8|1000|1:00:00\n")
+    profiles = load_profiles(profiles_from_sinfo(text))
+    assert [p.slug for p in profiles] == ["slurm-debug", "slurm-gh200"]
+    gh = profiles[1]
+    assert (gh.choices.gpus.max, gh.slurm.gres_type, gh.slurm.partition) == (4, "gh200", "gh200")
+    assert gh.choices.walltime.max == 12 * 3600 and gh.choices.memory_gb.max == 458
+    assert profiles[0].choices.gpus.max == 0

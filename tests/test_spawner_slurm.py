@@ -4,12 +4,21 @@ example configuration loaded as it is."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.slurm_hub import create_hub_user, ensure_unix_user, proxied, session_job
+from tests.slurm_hub import (
+    SITE_CONFIG,
+    TEST_OVERRIDES,
+    create_hub_user,
+    ensure_unix_user,
+    proxied,
+    session_job,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.hub]
 
@@ -108,3 +117,65 @@ def test_hub_restart_readopts_three_running_sessions(slurm_hub, slurm, test_user
         slurm_hub.wait_for_stopped(name)
     slurm.wait_for(lambda: all(session_job(slurm, n) is None for n in users), 20,
                    what="all three session jobs gone")
+
+
+def server_token(user: str) -> str:
+    """The API token in the environment of the user's running single-user server."""
+    pids = subprocess.run(["pgrep", "-u", user, "-f", "jupyterhub-singleuser"],
+                          capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        for item in env:
+            if item.startswith(b"JUPYTERHUB_API_TOKEN="):
+                return item.split(b"=", 1)[1].decode()
+    raise AssertionError(f"no running single-user server of {user}")
+
+
+def test_a_job_may_report_its_port_and_nothing_else_and_no_token_is_logged(
+        slurm_hub, slurm, test_user):
+    user = test_user.pw_name
+    r = slurm_hub.api("POST", f"/users/{user}/server", json={"profile": "gh200", "gpus": 0})
+    assert r.status_code in (201, 202), r.text
+    slurm_hub.wait_for_server(user, timeout=90)
+    token = server_token(user)
+    url = f"{slurm_hub.url}/hub/api/batchspawner"
+    auth = {"Authorization": f"token {token}"}
+    for body in ({"port": 40000, "cmd": ["/bin/sh", "-c", "id"]}, {"batch_script": "x"},
+                 {"port": "40000"}, {"port": 80}, {"port": True}, [40000]):
+        r = requests.post(url, json=body, headers=auth, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+    r = requests.post(url, json={"port": 40000}, timeout=30,
+                      headers={"Authorization": f"token {slurm_hub.token}"})
+    assert r.status_code in (403, 404), r.text  # not a server's token
+    assert proxied(slurm_hub, f"/user/{user}/api/status").status_code == 200  # unaffected
+
+    job = session_job(slurm, user)["job_id"]
+    slurm_hub.api("DELETE", f"/users/{user}/server")
+    slurm_hub.wait_for_stopped(user)
+    assert token not in slurm_hub.log_path.read_text()
+    assert token not in (Path(test_user.pw_dir) / f"aifab-session-{job}.log").read_text()
+
+
+def test_a_queue_wait_past_start_timeout_cancels_the_job_cleanly(
+        hub_factory, slurm, test_user):
+    user = test_user.pw_name
+    hub = hub_factory(config_file=SITE_CONFIG,
+                      extra_config=TEST_OVERRIDES + "c.SlurmSessionSpawner.start_timeout = 5\n")
+    hub.start()
+    create_hub_user(hub, user)
+    filler = slurm.run("sbatch", "--parsable", "-p", "gh200", "--gres=gpu:gh200:4",
+                       "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip()
+    try:
+        r = hub.api("POST", f"/users/{user}/server", json={"profile": "gh200", "gpus": 1})
+        assert r.status_code in (202, 500), r.text
+        hub.wait_for_stopped(user, timeout=30)
+        slurm.wait_for(lambda: session_job(slurm, user) is None, 15,
+                       what="timed-out session job cancelled")
+        assert "failed to start in 5 seconds" in hub.log_tail(300)
+    finally:
+        slurm.run("scancel", filler)
+    r = hub.api("POST", f"/users/{user}/server", json={"profile": "gh200", "gpus": 1})
+    assert r.status_code in (201, 202), r.text
+    hub.wait_for_server(user, timeout=90)
+    hub.api("DELETE", f"/users/{user}/server")
+    hub.wait_for_stopped(user)
