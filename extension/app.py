@@ -1,0 +1,68 @@
+"""The server extension as a Jupyter ExtensionApp: it owns the session's ServiceManager,
+adopts what a previous server of this session left running, and stops every service when the
+server shuts down."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Float, Unicode, default
+
+from aifab.session import Session
+
+from .services import ServiceManager
+
+
+def session_id(session: Session) -> str:
+    """Services belong to one session: one Slurm job, one pod, or one local server user."""
+    if session.slurm_job_id:
+        return f"slurm-{session.slurm_job_id}"
+    if session.pod_name:
+        return f"pod-{session.pod_name}"
+    user = os.environ.get("JUPYTERHUB_USER") or str(os.getuid())
+    return f"local-{socket.gethostname()}-{user}"
+
+
+class AifabExtension(ExtensionApp):
+    name = "aifab"
+    load_other_extensions = True
+
+    state_dir = Unicode(
+        help="Where the session's service records, logs and caches live (default: "
+             "$AIFAB_STATE_DIR, else JUPYTER_DATA_DIR/aifab/sessions/<session>).",
+    ).tag(config=True)
+    stop_grace = Float(10.0, help="Seconds a service has to exit after SIGTERM.").tag(config=True)
+    ready_timeout = Float(900.0, help="Seconds a service may take to become ready.").tag(
+        config=True)
+
+    @default("state_dir")
+    def _state_dir_default(self):
+        if os.environ.get("AIFAB_STATE_DIR"):
+            return os.environ["AIFAB_STATE_DIR"]
+        return str(Path(jupyter_data_dir()) / "aifab" / "sessions" /
+                   session_id(Session.from_env()))
+
+    def initialize_settings(self):
+        session = Session.from_env()
+        self.manager = ServiceManager(Path(self.state_dir), session, self.log,
+                                      stop_grace=self.stop_grace,
+                                      ready_timeout=self.ready_timeout)
+        self.manager.adopt()
+        self.settings["aifab_services"] = self.manager
+
+    def initialize_handlers(self):
+        from .handlers import handlers
+
+        self.handlers.extend(handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp):
+        # the monitor runs on the server's event loop, which exists by now
+        self.manager.start_monitor()
+
+    async def stop_extension(self):
+        self.log.info("aifab: server stopping; stopping the session's services")
+        await self.manager.shutdown()

@@ -1,0 +1,87 @@
+"""The GPU ledger: which of the session's GPUs each service holds.
+
+Pure functions over (visible GPUs, what each live service holds). The holdings are derived
+from the service records, never kept separately, so the ledger cannot drift from reality:
+a service that exits stops holding its GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+
+class GPURequestError(ValueError):
+    """A GPU request that cannot be met; the message names who holds what."""
+
+
+def parse_gpu_request(spec) -> tuple[str, object]:
+    """'2' or 2 → ('count', 2); '0,1' → ('ids', ['0', '1']); 'all' → ('all', None);
+    None/'0'/0 → ('count', 0)."""
+    if spec is None or spec == "":
+        return ("count", 0)
+    if isinstance(spec, bool):
+        raise GPURequestError(f"gpus={spec!r}: give a count, a list like 0,1, or all")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise GPURequestError(f"gpus={spec}: must be 0 or more")
+        return ("count", spec)
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    text = str(spec).strip()
+    if text == "all":
+        return ("all", None)
+    if re.fullmatch(r"[0-9]{1,3}", text):
+        return ("count", int(text))
+    if re.fullmatch(r"[0-9]{1,3}(,[0-9]{1,3})+|[0-9]{1,3},", text):
+        return ("ids", [t for t in text.split(",") if t])
+    raise GPURequestError(f"gpus={spec!r}: give a count (2), a list of the session's GPUs "
+                          "(0,1) or all")
+
+
+def describe_holders(held: Mapping[str, Sequence[str]]) -> str:
+    parts = [f"GPU {','.join(g)} held by {name!r}" for name, g in sorted(held.items()) if g]
+    return "; ".join(parts) or "none held"
+
+
+def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) -> list[str]:
+    """The GPUs (as the session's CUDA_VISIBLE_DEVICES names them) to give a new service.
+
+    ``visible`` are the session's GPUs; ids in a request are positions in that list (what
+    the service will see as cuda:0, cuda:1, ...) or the names themselves."""
+    kind, value = parse_gpu_request(spec)
+    taken = {g for gpus in held.values() for g in gpus}
+    free = [g for g in visible if g not in taken]
+    if kind == "count":
+        n = int(value)
+        if n == 0:
+            return []
+        if n > len(visible):
+            raise GPURequestError(f"{n} GPU(s) requested but this session has "
+                                  f"{len(visible)} ({','.join(visible) or 'none'})")
+        if n > len(free):
+            raise GPURequestError(f"{n} GPU(s) requested but {len(free)} free: "
+                                  f"{describe_holders(held)}. Stop one of those services or "
+                                  "ask for fewer GPUs")
+        return free[:n]
+    if kind == "all":
+        if not visible:
+            raise GPURequestError("gpus=all but this session has no GPU")
+        if taken:
+            raise GPURequestError(f"gpus=all but some are in use: {describe_holders(held)}")
+        return list(visible)
+    wanted = []
+    for gid in value:
+        name = gid if gid in visible else (visible[int(gid)] if int(gid) < len(visible)
+                                           else None)
+        if name is None:
+            raise GPURequestError(f"GPU {gid} is not one of this session's GPUs "
+                                  f"({','.join(visible) or 'none'})")
+        if name in taken:
+            holder = next(n for n, g in held.items() if name in g)
+            raise GPURequestError(f"GPU {gid} is held by {holder!r}; "
+                                  f"free: {','.join(free) or 'none'}")
+        wanted.append(name)
+    if len(set(wanted)) != len(wanted):
+        raise GPURequestError(f"gpus={spec!r} names a GPU twice")
+    return wanted

