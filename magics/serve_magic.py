@@ -95,7 +95,7 @@ class ServeMagics(Magics):
             raise UsageError(str(exc)) from None
         from .serve_widget import ServeWidget
 
-        widget = ServeWidget(served)
+        widget = served.widget = ServeWidget(served)
         from IPython.display import display
 
         display(widget)

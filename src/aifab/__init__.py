@@ -10,4 +10,13 @@ from .session import Session, SessionContractError
 
 __version__ = "0.1.0"
 
-__all__ = ["Session", "SessionContractError", "__version__"]
+__all__ = ["Session", "SessionContractError", "__version__", "serve"]
+
+
+def __getattr__(name: str):
+    # the notebook API, imported on first use so that `import aifab` stays cheap
+    if name == "serve":
+        from .serving import serve
+
+        return serve
+    raise AttributeError(f"module 'aifab' has no attribute {name!r}")

