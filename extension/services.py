@@ -50,7 +50,7 @@ class Service:
     port: int
     api_key: str
     dir: str
-    status: str = "starting"  # starting | ready | failed | stopped
+    status: str = "starting"  # starting | ready | finished | failed | stopped
     phase: str = "starting"
     pid: int = 0
     proc_start: str = ""  # /proc/PID/stat start time: tells our process from a reused pid
@@ -353,9 +353,11 @@ class ServiceManager:
             if proc is not None:
                 svc.exit_code = proc.returncode
             last = tail(svc.log_path, 15)
-            svc.status = "failed"
-            svc.error = (f"exited (code {svc.exit_code})" if svc.exit_code is not None
-                         else "exited") + (": " + last[-1] if last else "")
+            # a one-shot command that ends well is finished; anything else that ends failed
+            svc.status = "finished" if svc.exit_code == 0 else "failed"
+            svc.error = "" if svc.exit_code == 0 else (
+                (f"exited (code {svc.exit_code})" if svc.exit_code is not None else "exited")
+                + (": " + last[-1] if last else ""))
             # whatever it left behind in its group goes too; its GPUs are free again
             try:
                 os.killpg(svc.pid, signal.SIGKILL)
