@@ -12,11 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
+import httpx
 
 from aifab.extension.vllm import vllm_argv, vllm_env
 from aifab.tiny_model import build_cached
-from tests.harness.hub import free_port
 from tests.harness.jupyter import JupyterServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,19 +31,25 @@ def jupyter_server() -> JupyterServer:
     return server
 
 
-def ready(base: str, key: str, name: str) -> bool:
+def uds_client(socket_path: str, key: str) -> httpx.Client:
+    """An HTTP client straight to a vLLM socket, with its key."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
+                        base_url="http://localhost", timeout=120,
+                        headers={"Authorization": f"Bearer {key}"})
+
+
+def ready(client: httpx.Client, name: str) -> bool:
     """The same definition of ready as the session services: health, model, one request."""
-    auth = {"Authorization": f"Bearer {key}"}
     try:
-        if requests.get(base + "/health", timeout=5).status_code != 200:
+        if client.get("/health", timeout=5).status_code != 200:
             return False
-        models = requests.get(base + "/v1/models", headers=auth, timeout=10).json()["data"]
+        models = client.get("/v1/models", timeout=10).json()["data"]
         if name not in [m["id"] for m in models]:
             return False
-        r = requests.post(base + "/v1/completions", headers=auth, timeout=60,
-                          json={"model": name, "prompt": "Hello", "max_tokens": 1})
+        r = client.post("/v1/completions", timeout=60,
+                        json={"model": name, "prompt": "Hello", "max_tokens": 1})
         return r.status_code == 200
-    except (requests.RequestException, ValueError, KeyError):
+    except (httpx.HTTPError, ValueError, KeyError):
         return False
 
 
@@ -52,14 +57,15 @@ class BareVLLM:
     """vLLM started by hand, with the arguments the session services would give it."""
 
     def __init__(self, model: Path, name: str = "bare"):
-        self.port, self.key, self.name = free_port(), secrets.token_urlsafe(24), name
+        self.key, self.name = secrets.token_urlsafe(24), name
         self.dir = Path(tempfile.mkdtemp(prefix="aifab-bare-"))
         for sub in ("cache", "tmp"):
             (self.dir / sub).mkdir()
-        self.argv = vllm_argv(sys.executable, str(model), port=self.port, api_key=self.key,
+        self.socket = str(self.dir / "vllm.sock")
+        self.argv = vllm_argv(sys.executable, str(model), socket_path=self.socket,
                               served_name=name, tensor_parallel=1, cpu=True)
-        self.env = vllm_env(os.environ, [], str(self.dir), cpu=True)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = vllm_env(os.environ, [], str(self.dir), cpu=True, api_key=self.key)
+        self.client = uds_client(self.socket, self.key)
         self.proc: subprocess.Popen | None = None
 
     def start_and_wait(self, timeout: float = 600) -> float:
@@ -67,7 +73,7 @@ class BareVLLM:
         log = open(self.dir / "log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        while not ready(self.base, self.key, self.name):
+        while not (os.path.exists(self.socket) and ready(self.client, self.name)):
             if self.proc.poll() is not None or time.perf_counter() - t0 > timeout:
                 raise RuntimeError(f"bare vLLM did not start; see {self.dir / 'log'}")
             time.sleep(0.5)

@@ -24,7 +24,8 @@ def session_id(session: Session) -> str:
     if session.pod_name:
         return f"pod-{session.pod_name}"
     user = os.environ.get("JUPYTERHUB_USER") or str(os.getuid())
-    return f"local-{socket.gethostname()}-{user}"
+    server = os.environ.get("JUPYTERHUB_SERVER_NAME", "")
+    return f"local-{socket.gethostname()}-{user}" + (f"-{server}" if server else "")
 
 
 class AifabExtension(ExtensionApp):

@@ -4,8 +4,11 @@ listen on 127.0.0.1 with a random API key that only this proxy adds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
+from urllib.parse import parse_qsl, quote, urlencode
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import httpclient, web
@@ -47,11 +50,14 @@ class ServicesHandler(_Base):
         self.finish(json.dumps([s.public() for s in self.manager.services.values()]))
 
     @web.authenticated
-    def post(self) -> None:
+    async def post(self) -> None:
         try:
             spec = json.loads(self.request.body or b"{}")
         except ValueError:
             raise web.HTTPError(400, "the body is not JSON") from None
+        if isinstance(spec, dict) and spec.get("extra_args"):
+            # checking extra flags runs vLLM's --help once (seconds): not on the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.manager.vllm_flags)
         try:
             svc = self.manager.create(spec)
         except ServiceError as exc:
@@ -81,7 +87,7 @@ class LogsHandler(_Base):
     @web.authenticated
     def get(self, name: str) -> None:
         n = self.get_argument("n", "100")
-        if not n.isdigit() or not 0 < int(n) <= 10000:
+        if not re.fullmatch(r"[0-9]{1,5}", n) or not 0 < int(n) <= 10000:
             raise web.HTTPError(400, "n: the number of lines, 1 to 10000")
         try:
             svc = self.manager.get(name)
@@ -94,7 +100,7 @@ class LogsHandler(_Base):
 _DROP_REQUEST = {"host", "authorization", "cookie", "x-xsrftoken", "content-length",
                  "connection", "accept-encoding", "transfer-encoding"}
 _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "content-encoding",
-                  "server", "date"}
+                  "server", "date", "set-cookie"}  # and access-control-*: see on_header
 
 
 class ProxyHandler(APIHandler):
@@ -114,9 +120,12 @@ class ProxyHandler(APIHandler):
             svc = self.manager.get(name)
         except ServiceError as exc:
             raise web.HTTPError(exc.status, str(exc)) from None
-        if svc.status not in ("starting", "ready"):
+        if svc.status not in ("starting", "ready") or (svc.kind == "finetune"):
             raise web.HTTPError(503, f"service {name!r} is {svc.status}")
-        query = f"?{self.request.query}" if self.request.query else ""
+        # Jupyter's ?token= stays here; the rest of the query goes on
+        params = [(k, v) for k, v in parse_qsl(self.request.query, keep_blank_values=True)
+                  if k != "token"]
+        query = f"?{urlencode(params)}" if params else ""
         headers = {k: v for k, v in self.request.headers.get_all()
                    if k.lower() not in _DROP_REQUEST}
         headers["Authorization"] = f"Bearer {svc.api_key}"
@@ -130,7 +139,8 @@ class ProxyHandler(APIHandler):
                 self.set_status(int(line.split()[1]))
             elif ":" in line:
                 k, v = line.split(":", 1)
-                if k.strip().lower() not in _DROP_RESPONSE:
+                key = k.strip().lower()
+                if key not in _DROP_RESPONSE and not key.startswith("access-control-"):
                     self.set_header(k.strip(), v.strip())
 
         def on_chunk(chunk: bytes) -> None:
@@ -140,16 +150,18 @@ class ProxyHandler(APIHandler):
             self.flush()
 
         request = httpclient.HTTPRequest(
-            f"http://127.0.0.1:{svc.port}/{path}{query}", method=self.request.method,
+            f"{self.manager.base_url(svc)}/{quote(path, safe='/:@!$&()*+,;=-._~')}{query}",
+            method=self.request.method,
             headers=headers, body=body, header_callback=on_header,
             streaming_callback=on_chunk, request_timeout=3600, decompress_response=False,
             allow_nonstandard_methods=True, follow_redirects=False)
         t0 = time.monotonic()
         try:
-            await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
-        except OSError as exc:
+            await self.manager.http_client(svc).fetch(request, raise_error=False)
+        except (OSError, httpclient.HTTPClientError) as exc:
             if not started:
                 raise web.HTTPError(502, f"service {name!r} is not answering: {exc}") from None
+            self.log.warning("aifab proxy: %s/%s broke off: %s", name, path, exc)
         self.log.debug("aifab proxy %s %s/%s in %.3fs", self.request.method, name, path,
                        time.monotonic() - t0)
         self.finish()

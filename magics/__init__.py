@@ -8,11 +8,13 @@ from __future__ import annotations
 
 
 def load_ipython_extension(ipython) -> None:
+    from .finetune_magic import FineTuneMagics
     from .serve_magic import ServeMagics
     from .session_magics import SessionMagics
 
     ipython.register_magics(SessionMagics)
     ipython.register_magics(ServeMagics)
+    ipython.register_magics(FineTuneMagics)
 
 
 def unload_ipython_extension(ipython) -> None:  # IPython has no unregister; nothing to undo

@@ -14,7 +14,7 @@ import time
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import url_path_join
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any, Dict, List, Type, Unicode, default, observe
 
 from aifab.session import Session
@@ -213,6 +213,10 @@ class PlacementSpawner(Spawner):
         self._listening = asyncio.Event()
         self.port = 0  # a stale value would hide the job's port callback (no change event)
         child = self.child
+        # what the hub's hooks (pre_spawn_hook, group overrides) set on us after the child was
+        # built reaches it too; the session contract stays as validated
+        child.environment = {**child.environment, **{
+            k: v for k, v in self.environment.items() if not k.startswith("AIFAB_")}}
         child.api_token = self.api_token
         child.admin_access = self.admin_access
         child.cert_paths = self.cert_paths
@@ -247,7 +251,7 @@ class PlacementSpawner(Spawner):
                 await client.fetch(url, request_timeout=2, raise_error=False)
                 self._listening.set()
                 return
-            except OSError:  # not listening yet
+            except (OSError, HTTPClientError):  # not listening yet, or too busy to answer
                 pass
             if time.monotonic() > next_poll:
                 next_poll = time.monotonic() + 1
@@ -295,7 +299,12 @@ class PlacementSpawner(Spawner):
             self.log.warning("%s: saved state version %r is not %r; not re-adopting",
                              self._log_name, saved.get("version"), STATE_VERSION)
             return
-        placement = Placement(**saved["placement"])
+        try:
+            placement = Placement(**saved["placement"])
+        except TypeError as exc:
+            self.log.error("%s: saved placement unreadable (%s); not re-adopting",
+                           self._log_name, exc)
+            return
         profile = self.profile(placement.profile)
         if profile is None:
             self.log.warning(
@@ -310,3 +319,6 @@ class PlacementSpawner(Spawner):
         super().clear_state()
         if self.child is not None:
             self.child.clear_state()
+        # the next start validates and builds afresh; a stopped spawner saves nothing stale
+        self.child = None
+        self.placement = None

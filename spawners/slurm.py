@@ -146,6 +146,9 @@ class SlurmSessionSpawner(SlurmSpawner):
     async def _call(self, argv: list[str], stdin: str | None = None,
                     env: dict | None = None) -> str:
         full = [a.replace("{username}", self.user.name) for a in self.submit_prefix] + argv
+        if env is None:
+            # never the hub's own environment (its secrets) in a process the user owns
+            env = {k: os.environ[k] for k in ("PATH", "LANG", "SLURM_CONF") if k in os.environ}
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env,
@@ -213,6 +216,9 @@ class SlurmSessionSpawner(SlurmSpawner):
                 ["squeue", "-h", "-j", self.job_id, "-o", SQUEUE_FORMAT]
             )
         except SlurmCommandError as exc:
+            if exc.returncode is None:  # squeue timed out: we know nothing, the job may run
+                self.job_status = ""
+                return JobStatus.UNKNOWN
             # "Invalid job id specified" once the job is gone; controller trouble is UNKNOWN
             self.job_status = exc.stderr.strip()
         if self.state_isrunning():
@@ -227,6 +233,13 @@ class SlurmSessionSpawner(SlurmSpawner):
         if self.job_id:
             self.log.info("Cancelling Slurm job %s of %s", self.job_id, self._log_name)
             await self._call(["scancel", self.job_id])
+
+    async def _cancel_quietly(self) -> None:
+        """scancel before forgetting a job (it may still be listed, or about to start)."""
+        try:
+            await self.cancel_batch_job()
+        except SlurmCommandError as exc:
+            self.log.info("scancel of job %s: %s", self.job_id, exc)
 
     def job_reason(self) -> str:
         parts = self.job_status.split()
@@ -246,6 +259,7 @@ class SlurmSessionSpawner(SlurmSpawner):
                 break
             if status not in (JobStatus.PENDING, JobStatus.UNKNOWN):
                 job, last = self.job_id, self.job_status
+                await self._cancel_quietly()
                 self.clear_state()
                 raise RuntimeError(
                     f"Slurm job {job} ended before the server started ({last or 'gone'}); "
@@ -261,6 +275,7 @@ class SlurmSessionSpawner(SlurmSpawner):
                 last_check = time.monotonic()
                 if await self.query_job_status() not in (JobStatus.RUNNING, JobStatus.UNKNOWN):
                     job = self.job_id
+                    await self._cancel_quietly()
                     self.clear_state()
                     raise RuntimeError(f"Slurm job {job} ended before its server reported a port")
         self.log.info("Slurm job %s: server on %s:%s", self.job_id, self.ip, self.port)

@@ -3,13 +3,16 @@ model, in a real Jupyter server with the aifab extension."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import time
+from pathlib import Path
 
+import psutil
 import pytest
-import requests
 
 from tests.harness.jupyter import JupyterServer, group_alive
 
@@ -39,7 +42,7 @@ def vllm_pids() -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
-def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model):
+def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model, test_user):
     server = jupyter["server"]
     r = server.request("POST", "aifab/api/services",
                        json={"kind": "vllm", "name": "tiny", "model": str(tiny_model)})
@@ -53,9 +56,28 @@ def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model):
     assert ok.json()["choices"][0]["message"]["content"]
     assert chat(server, "tiny", token=None).status_code == 403
     assert chat(server, "tiny", token="wrong").status_code == 403
-    direct = requests.post(f"http://127.0.0.1:{svc['port']}/v1/chat/completions",
-                           json={"model": "tiny", "messages": []}, timeout=30)
-    assert direct.status_code == 401  # only the proxy holds the key
+
+    # vLLM listens on a socket in the service's private directory, not on a port ...
+    sock = svc["socket"]
+    assert svc["port"] == 0 and stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+    assert not [c for c in psutil.Process(svc["pid"]).net_connections("inet")
+                if c.status == "LISTEN"]
+    # ... where even its owner gets 401 without the key only the proxy holds ...
+    direct = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             "--unix-socket", sock, "http://localhost/v1/models"],
+                            capture_output=True, text=True, timeout=30)
+    assert direct.stdout == "401"
+    # ... and another user of the node cannot connect at all
+    other = subprocess.run(["sudo", "-u", test_user.pw_name, "curl", "-s", "--unix-socket",
+                            sock, "http://localhost/invocations"],
+                           capture_output=True, text=True, timeout=30)
+    assert other.returncode != 0 and not other.stdout
+    # the key is in no API answer, no log and no command line
+    key = json.loads((Path(svc["dir"]) / "record.json").read_text())["api_key"]
+    listing = server.get("aifab/api/services").text + server.get(
+        "aifab/api/services/tiny/logs", params={"n": "10000"}).text
+    assert key not in listing and key not in server.log_tail(10000)
+    assert key not in " ".join(psutil.Process(svc["pid"]).cmdline())
 
     with chat(server, "tiny", stream=True) as streamed:
         assert streamed.status_code == 200

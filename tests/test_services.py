@@ -89,11 +89,13 @@ def test_duplicate_name_is_refused(server):
 def test_proxy_needs_jupyter_auth_and_adds_the_service_key(server):
     assert create(server, "web", argv=[sys.executable, "-c", ECHO_AUTH]).status_code == 201
     server.wait_service("web", "ready", 20)
-    ok = server.get("aifab/proxy/web/anything?x=1")
+    ok = server.get(f"aifab/proxy/web/anything?x=1&token={server.token}",
+                    headers={"Cookie": "session=secret"})
     assert ok.status_code == 200
     key = ok.json()["authorization"]
-    assert key.startswith("Bearer ") and len(key) > 20
-    assert ok.json()["path"] == "/anything?x=1"
+    assert key.startswith("Bearer ") and len(key) > 20 and server.token not in key
+    assert ok.json()["path"] == "/anything?x=1"  # Jupyter's token is not passed on
+    assert ok.json()["cookie"] is None  # nor Jupyter's cookies
     assert server.get("aifab/proxy/web/anything", token=None).status_code == 403
     assert server.get("aifab/proxy/web/anything", token="wrong").status_code == 403
     assert server.get("aifab/proxy/nosuch/x").status_code == 404
@@ -104,7 +106,7 @@ import http.server, json, os
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"authorization": self.headers.get("Authorization"),
-                           "path": self.path}).encode()
+                           "cookie": self.headers.get("Cookie"), "path": self.path}).encode()
         self.send_response(200); self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
@@ -151,3 +153,31 @@ def test_delete_ends_the_whole_process_group(server):
     r = server.request("DELETE", "aifab/api/services/tree")
     assert r.json()["status"] == "stopped"
     assert not group_alive(svc["pid"])
+
+
+def test_gpu_numbers_are_positions_in_the_sessions_list(tmp_path):
+    """Slurm may give a session GPUs 2,3: --gpus 0, (a list; a lone number is a count) means
+    the session's first, i.e. GPU 2."""
+    srv = JupyterServer(tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    srv.start()
+    try:
+        assert create(srv, "first", "0,").json()["gpus"] == ["2"]
+        r = create(srv, "again", "0,")
+        assert r.status_code == 409 and "GPU 0 is held by 'first'" in r.json()["message"]
+        assert create(srv, "second", "1,").json()["gpus"] == ["3"]
+    finally:
+        srv.stop()
+
+
+def test_a_second_server_of_the_same_session_is_refused(server, tmp_path):
+    twin = JupyterServer(server.root, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    twin.root = tmp_path  # its own log, the same state directory
+    twin.log_path = tmp_path / "twin.log"
+    twin.start()
+    try:
+        # Jupyter runs on without the extension; the first server keeps its services
+        assert twin.get("aifab/api/services").status_code == 404
+        assert "already manages its services" in twin.log_tail(200)
+        assert server.get("aifab/api/services").status_code == 200
+    finally:
+        twin.stop()

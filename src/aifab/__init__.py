@@ -10,7 +10,7 @@ from .session import Session, SessionContractError
 
 __version__ = "0.1.0"
 
-__all__ = ["Session", "SessionContractError", "__version__", "serve"]
+__all__ = ["Session", "SessionContractError", "__version__", "finetune", "serve"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from .serving import serve
 
         return serve
+    if name == "finetune":
+        from .finetuning import finetune
+
+        return finetune
     raise AttributeError(f"module 'aifab' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""``aifab.finetune(...)``: LoRA or full fine-tuning on the session's GPUs, as a run owned by
+the session services (it outlives the kernel; any notebook can attach to it by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .client import ServiceRequestError, SessionClient
+
+RUN_FILE = "aifab-run.json"
+
+
+class FineTuneError(ValueError):
+    """A fine-tune request refused before any process starts."""
+
+
+@dataclass
+class FineTuneOptions:
+    model: str
+    data: str
+    name: str = ""
+    method: str = "lora"
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    packing: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    gpus: int | str | None = None
+    output: str = ""
+    resume: bool = False
+    serve: bool = False
+    save_steps: int = 50
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def check_options(o: FineTuneOptions) -> FineTuneOptions:
+    """Everything that can be checked before a process starts. Raises FineTuneError."""
+    from aifab.extension.train_data import DataError, inspect_data
+
+    model = os.path.expanduser(o.model)
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise FineTuneError(f"model {o.model!r}: the directory has no config.json")
+        o.model = os.path.abspath(model)
+    elif model.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise FineTuneError(f"model {o.model!r}: no such model directory (and not a Hugging "
+                            "Face id like org/name)")
+    try:
+        inspect_data(o.data)
+    except DataError as exc:
+        raise FineTuneError(str(exc)) from None
+    o.data = os.path.abspath(os.path.expanduser(o.data))
+    if o.method not in ("lora", "full"):
+        raise FineTuneError(f"method {o.method!r}: lora or full")
+    o.name = o.name or default_run_name(o.model)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,38}[a-z0-9]|[a-z0-9]", o.name):
+        raise FineTuneError(f"name {o.name!r}: lowercase letters, digits and '-', at most 40")
+    for fname, value, lo in (("batch_size", o.batch_size, 1), ("grad_accum", o.grad_accum, 1),
+                             ("seq_len", o.seq_len, 16), ("lora_r", o.lora_r, 1),
+                             ("lora_alpha", o.lora_alpha, 1), ("save_steps", o.save_steps, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise FineTuneError(f"{fname}={value!r}: an integer >= {lo}")
+    if o.max_steps is not None and (not isinstance(o.max_steps, int) or o.max_steps < 1):
+        raise FineTuneError(f"max_steps={o.max_steps!r}: an integer >= 1")
+    if not 0 < o.lr < 1:
+        raise FineTuneError(f"lr={o.lr!r}: a learning rate between 0 and 1")
+    out = Path(os.path.expanduser(o.output or f"~/aifab-runs/{o.name}")).absolute()
+    if out.exists() and any(out.iterdir()):
+        owner = _run_name(out)
+        if not o.resume or owner not in (o.name, None):
+            what = f"run {owner!r}" if owner else "other files"
+            raise FineTuneError(
+                f"output {str(out)!r} holds {what}; choose another --output"
+                + (", or --resume to continue it" if owner == o.name else ""))
+    o.output = str(out)
+    return o
+
+
+def _run_name(out: Path) -> str | None:
+    for f in (out / RUN_FILE, out / "metrics.jsonl"):
+        try:
+            first = json.loads(f.read_text().splitlines()[0] if f.suffix == ".jsonl"
+                               else f.read_text())
+            return first.get("name")
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def default_run_name(model: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+    return (f"ft-{base}"[:33] + time.strftime("-%H%M%S")).strip("-")
+
+
+def trainer_argv(o: FineTuneOptions, ngpus: int) -> list[str]:
+    args = ["-m", "aifab.extension.trainer", "--model", o.model, "--data", o.data,
+            "--output", o.output, "--name", o.name, "--method", o.method, "--lr", str(o.lr),
+            "--batch-size", str(o.batch_size), "--grad-accum", str(o.grad_accum),
+            "--seq-len", str(o.seq_len), "--lora-r", str(o.lora_r),
+            "--lora-alpha", str(o.lora_alpha), "--save-steps", str(o.save_steps),
+            "--seed", str(o.seed)]
+    if o.max_steps:
+        args += ["--max-steps", str(o.max_steps)]
+    if o.epochs:
+        args += ["--epochs", str(o.epochs)]
+    if o.packing:
+        args.append("--packing")
+    if o.resume:
+        args.append("--resume")
+    if ngpus > 1:  # one process per GPU
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ngpus}", *args]
+    return [sys.executable, *args]
+
+
+class FineTuneRun:
+    """A handle on a run: its status and metrics, whichever kernel started it."""
+
+    def __init__(self, name: str, client: SessionClient | None = None):
+        self.name = name
+        self._client = client or SessionClient()
+        self.widget = None
+
+    @property
+    def info(self) -> dict:
+        return self._client.get(self.name)
+
+    @property
+    def status(self) -> str:
+        return self.info["status"]
+
+    @property
+    def output(self) -> str:
+        return self.info["output"]
+
+    def metrics(self) -> list[dict]:
+        try:
+            lines = Path(self.output, "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written
+        return out
+
+    def wait(self, timeout: float = 3600) -> FineTuneRun:
+        self._client.wait(self.name, timeout, until=("finished",))
+        return self
+
+    def stop(self) -> dict:
+        return self._client.stop(self.name)
+
+    def logs(self, n: int = 50) -> list[str]:
+        return self._client.logs(self.name, n)
+
+    def __repr__(self) -> str:
+        return f"<FineTuneRun {self.name!r} {self.status}>"
+
+
+def finetune(model: str, data: str, **kw) -> FineTuneRun:
+    """Start a fine-tune run (see %finetune). Bad input is refused before anything starts."""
+    opts = check_options(FineTuneOptions(model=model, data=data, **kw))
+    client = SessionClient()
+    gpus = opts.gpus
+    if gpus is None:
+        gpus = 1 if client.session()["visible_gpus"] else 0
+    Path(opts.output).mkdir(parents=True, exist_ok=True)
+    ngpus = _count(gpus, client)
+    try:
+        client.create({"kind": "finetune", "name": opts.name, "gpus": gpus,
+                       "argv": trainer_argv(opts, ngpus), "output": opts.output,
+                       "model": opts.model})
+    except ServiceRequestError as exc:
+        raise FineTuneError(str(exc)) from None
+    return FineTuneRun(opts.name, client)
+
+
+def attach(name: str) -> FineTuneRun:
+    """A run started by any kernel of this session, by name."""
+    client = SessionClient()
+    client.get(name)
+    return FineTuneRun(name, client)
+
+
+def _count(gpus, client: SessionClient) -> int:
+    if isinstance(gpus, int):
+        return gpus
+    if gpus == "all":
+        return len(client.session()["visible_gpus"])
+    return len([g for g in str(gpus).split(",") if g]) if "," in str(gpus) else int(gpus)
