@@ -51,6 +51,8 @@ c.SlurmSessionSpawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.SlurmSessionSpawner.batchspawner_singleuser_cmd = str(BIN / "aifab-singleuser")
 c.SlurmSessionSpawner.ip = "127.0.0.1"  # the demo's Slurm is this machine
 c.Spawner.default_url = "/lab"
+# where `make demo` built the offline tiny model, for the README's first session
+c.Spawner.environment = {"AIFAB_TINY_MODEL": str(STATE / "tiny-model")}
 c.LocalSessionSpawner.home_dir_template = str(STATE / "users" / "{username}")
 
 partitions = ", ".join(p["slurm"]["partition"] for p in profiles if p["backend"] == "slurm")

@@ -32,6 +32,7 @@ from .ledger import GPURequestError, allocate
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,38}[a-z0-9]|[a-z0-9]")
 LIVE = ("starting", "ready", "stopping")
 ONE_SHOT = ("finetune",)  # runs until done: no readiness, no ready timeout
+EXIT_INTERRUPTED = 75  # the trainer's "stopped early, checkpoint saved" (trainer.py)
 KINDS = ("vllm", "command", "finetune")
 
 
@@ -400,9 +401,12 @@ class ServiceManager:
             last = tail(svc.log_path, 15)
             # a one-shot command that ends well is finished; anything else that ends failed
             svc.status = "finished" if svc.exit_code == 0 else "failed"
-            svc.error = "" if svc.exit_code == 0 else (
-                (f"exited (code {svc.exit_code})" if svc.exit_code is not None else "exited")
-                + (": " + last[-1] if last else ""))
+            if svc.exit_code == EXIT_INTERRUPTED and svc.kind == "finetune":
+                svc.error = ("interrupted (SIGTERM/SIGUSR1 or walltime): a checkpoint was "
+                             "saved; continue with --resume")
+            elif svc.exit_code != 0:
+                svc.error = ((f"exited (code {svc.exit_code})" if svc.exit_code is not None
+                              else "exited") + (": " + last[-1] if last else ""))
             # whatever it left behind in its group goes too; its GPUs are free again
             _kill_leftovers(svc)
             self._procs.pop(svc.name, None)

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
           "records": summary.records, "method": args.method, "resume_from": str(resume or ""),
           "world_size": int(os.environ.get("WORLD_SIZE", "1")),
           "device": "cuda" if cuda else "cpu"})
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if stop_reason:
         emit({"event": "interrupted", "reason": stop_reason[0],
@@ -169,7 +169,11 @@ def main(argv=None) -> int:
             "name": args.name, "status": "done", "base_model": os.path.abspath(args.model)
             if os.path.isdir(args.model) else args.model, "method": args.method,
             "steps": trainer.state.global_step}, indent=2))
-        emit({"event": "done", "step": trainer.state.global_step, "output": str(out)})
+        emit({"event": "done", "step": trainer.state.global_step, "output": str(out),
+              "train_runtime": result.metrics["train_runtime"],
+              # the Trainer's own measure: tokens seen over train() wall time
+              "train_tokens_per_second": trainer.state.num_input_tokens_seen
+              / result.metrics["train_runtime"]})
         shutil.rmtree(out / "runs", ignore_errors=True)
     return 0
 

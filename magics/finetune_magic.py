@@ -144,10 +144,9 @@ def _serve_when_done(run) -> None:
 
         try:
             run.wait()
+            run.served = serve(run.info["model"], name=f"{run.name}-srv"[:40],
+                               loras={run.name: run.output}, wait=False)
         except Exception as exc:
-            print(f"%finetune --serve: the run did not finish ({exc}); nothing served")
-            return
-        run.served = serve(run.info["model"], name=f"{run.name}-srv"[:40],
-                           loras={run.name: run.output}, wait=True)
+            run.serve_error = f"%finetune --serve: nothing served: {exc}"
 
     threading.Thread(target=go, daemon=True).start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -13,17 +12,8 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
+from aifab.examples import write_ping_pong
 from tests.harness.jupyter import JupyterServer
-
-
-def write_ping_pong(path: Path, n: int = 200) -> Path:
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(n):
-            k = rng.randint(0, 99)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"ping {k}"},
-                                             {"role": "assistant", "content": "pong"}]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +175,76 @@ def _used(tmp: Path) -> Path:
     out.mkdir()
     (out / "aifab-run.json").write_text(json.dumps({"name": "someone-else"}))
     return out
+
+
+@pytest.mark.vllm
+def test_finetune_then_serve_the_adapter_it_answers_pong(shell, tiny_model, data, tmp_path):
+    run = shell.run_line_magic(
+        "finetune", f"{tiny_model} {data} --name pong --max-steps 80 --lr 1e-3 --seq-len 64 "
+                    f"--output {tmp_path}/pong --serve")
+    served = run.wait_served(600)  # --serve: vLLM with the adapter, once the run finished
+    try:
+        client = served.client()
+
+        def reply(model: str) -> str:
+            r = client.chat.completions.create(
+                model=model, max_tokens=4, temperature=0,
+                messages=[{"role": "user", "content": "ping 42"}])
+            return r.choices[0].message.content.strip()
+
+        assert reply("pong") == "pong"  # the adapter, by the run's name
+        assert reply(served.model) != "pong"  # the base model has not learned it
+    finally:
+        served.stop()
+
+
+def test_sigusr1_checkpoints_and_stops_then_resume_finishes(jupyter, shell, tiny_model, data,
+                                                            tmp_path):
+    """What Slurm sends before the walltime: the run saves a checkpoint where it is."""
+    import aifab
+
+    opts = dict(max_steps=2000, lr=1e-3, seq_len=64, save_steps=1000,
+                output=f"{tmp_path}/sig")
+    run = aifab.finetune(str(tiny_model), str(data), name="sig", **opts)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(steps(run.metrics())) < 5:
+        time.sleep(0.1)
+    os.kill(run.info["pid"], signal.SIGUSR1)
+    failed = jupyter.wait_service("sig", "failed", 60)
+    assert "interrupted" in failed["error"] and "--resume" in failed["error"]
+    stopped = next(m for m in run.metrics() if m.get("event") == "interrupted")
+    assert stopped["reason"] == "SIGUSR1"
+    ckpt = Path(opts["output"]) / "checkpoints" / f"checkpoint-{stopped['step']}"
+    assert (ckpt / "aifab-complete").is_file()  # not the 1000-step schedule: right now
+
+    opts["max_steps"] = stopped["step"] + 10
+    resumed = aifab.finetune(str(tiny_model), str(data), name="sig", resume=True, **opts)
+    resumed.wait(300)
+    assert steps(resumed.metrics())[-1]["step"] == stopped["step"] + 10
+
+
+def test_near_the_walltime_the_trainer_checkpoints_by_itself(tiny_model, data, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AIFAB_WALLTIME_END": str(int(time.time()) + 60)}
+    out = subprocess.run(
+        [sys.executable, "-m", "aifab.extension.trainer", "--model", str(tiny_model),
+         "--data", str(data), "--output", str(tmp_path / "wt"), "--max-steps", "500",
+         "--seq-len", "64", "--walltime-margin", "3600"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 75, out.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "wt" / "metrics.jsonl").open()]
+    stop = next(e for e in events if e.get("event") == "interrupted")
+    assert stop["reason"] == "walltime" and stop["step"] == 1
+    assert (tmp_path / "wt" / "checkpoints" / "checkpoint-1" / "aifab-complete").is_file()
+
+
+def test_cell_magic_takes_yaml(shell, tiny_model, data, tmp_path):
+    run = shell.run_cell_magic("finetune", "", f"model: {tiny_model}\ndata: {data}\n"
+                                               f"name: cell\nmax_steps: 5\nseq_len: 64\n"
+                                               f"output: {tmp_path}/cell\n")
+    run.wait(300)
+    assert steps(run.metrics())[-1]["step"] == 5
+    with pytest.raises(UsageError, match="unknown key"):
+        shell.run_cell_magic("finetune", "", f"model: {tiny_model}\ndata: {data}\nsteps: 5\n")

@@ -161,6 +161,18 @@ class FineTuneRun:
         self._client.wait(self.name, timeout, until=("finished",))
         return self
 
+    def wait_served(self, timeout: float = 900):
+        """With --serve: wait for the run to finish and its adapter to be served; returns the
+        Served handle (its model name for the adapter is the run's name)."""
+        deadline = time.monotonic() + timeout
+        while getattr(self, "served", None) is None:
+            if getattr(self, "serve_error", None):
+                raise RuntimeError(self.serve_error)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.name!r}: nothing served after {timeout:.0f}s")
+            time.sleep(0.5)
+        return self.served.wait_ready(max(1.0, deadline - time.monotonic()))
+
     def stop(self) -> dict:
         return self._client.stop(self.name)
 
