@@ -5,6 +5,7 @@ server shuts down."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -63,6 +64,17 @@ class AifabExtension(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp):
         # the monitor runs on the server's event loop, which exists by now
         self.manager.start_monitor()
+        # Slurm warns a job of its walltime with SIGUSR1 to the batch shell (the server, see
+        # the spawner's --signal=B:USR1@300): runs get it too and checkpoint; Jupyter's own
+        # SIGUSR1 handler (it prints its state) still runs.
+        previous = signal.getsignal(signal.SIGUSR1)
+
+        def on_usr1(signum, frame):
+            self.manager.forward_signal(signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGUSR1, on_usr1)
 
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")

@@ -119,7 +119,7 @@ class ProxyHandler(APIHandler):
         try:
             svc = self.manager.get(name)
         except ServiceError as exc:
-            raise web.HTTPError(exc.status, str(exc)) from None
+            raise web.HTTPError(exc.status, str(exc).replace("%", "%%")) from None
         if svc.status not in ("starting", "ready") or (svc.kind == "finetune"):
             raise web.HTTPError(503, f"service {name!r} is {svc.status}")
         # Jupyter's ?token= stays here; the rest of the query goes on
@@ -160,7 +160,8 @@ class ProxyHandler(APIHandler):
             await self.manager.http_client(svc).fetch(request, raise_error=False)
         except (OSError, httpclient.HTTPClientError) as exc:
             if not started:
-                raise web.HTTPError(502, f"service {name!r} is not answering: {exc}") from None
+                raise web.HTTPError(502, f"service {name!r} is not answering: "
+                                         f"{str(exc).replace('%', '%%')}") from None
             self.log.warning("aifab proxy: %s/%s broke off: %s", name, path, exc)
         self.log.debug("aifab proxy %s %s/%s in %.3fs", self.request.method, name, path,
                        time.monotonic() - t0)

@@ -146,9 +146,8 @@ class ServiceManager:
             if svc.status in LIVE:
                 if svc.pid and _proc_start(svc.pid) == svc.proc_start:
                     self.log.info("aifab: found running service %r (pid %s)", svc.name, svc.pid)
-                elif svc.kind in ONE_SHOT and svc.output and \
-                        (Path(svc.output) / "aifab-run.json").is_file():
-                    svc.status = "finished"  # it completed while the server was down
+                elif svc.kind in ONE_SHOT and run_outcome(svc):
+                    svc.status, svc.error = run_outcome(svc)  # it ended while we were down
                     self._save(svc)
                 else:
                     _kill_leftovers(svc)
@@ -342,16 +341,21 @@ class ServiceManager:
         if _proc_start(svc.pid) != svc.proc_start:  # the leader is gone (or its pid reused)
             _kill_leftovers(svc)
             return
-        for sig, wait in ((signal.SIGTERM, self.stop_grace), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(svc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
+        groups = {svc.pid} | _descendant_groups(svc.pid)
+        # a run saving its checkpoint (optimizer state included) needs longer than a server
+        grace = self.stop_grace * (6 if svc.kind in ONE_SHOT else 1)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+            groups |= _descendant_groups(svc.pid)
+            for g in groups:
+                try:
+                    os.killpg(g, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(svc.pid):
+            while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
                 self._reap(svc.name)
                 await asyncio.sleep(0.1)
-            if not _group_alive(svc.pid):
+            if not any(_group_alive(g) for g in groups):
                 break
         self._reap(svc.name)
 
@@ -401,9 +405,9 @@ class ServiceManager:
             last = tail(svc.log_path, 15)
             # a one-shot command that ends well is finished; anything else that ends failed
             svc.status = "finished" if svc.exit_code == 0 else "failed"
-            if svc.exit_code == EXIT_INTERRUPTED and svc.kind == "finetune":
-                svc.error = ("interrupted (SIGTERM/SIGUSR1 or walltime): a checkpoint was "
-                             "saved; continue with --resume")
+            outcome = run_outcome(svc) if svc.kind in ONE_SHOT else None
+            if outcome:
+                svc.status, svc.error = outcome
             elif svc.exit_code != 0:
                 svc.error = ((f"exited (code {svc.exit_code})" if svc.exit_code is not None
                               else "exited") + (": " + last[-1] if last else ""))
@@ -416,12 +420,13 @@ class ServiceManager:
         if svc.status == "starting":
             if svc.kind == "vllm":
                 svc.phase = vllm.phase_from_log(tail(svc.log_path, 400))
-                if await self._vllm_ready(svc):
+                ready = await self._vllm_ready(svc)
+                if ready and svc.status == "starting":  # (a stop may have come meanwhile)
                     svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
                     self._save(svc)
             elif svc.kind in ONE_SHOT:
                 return  # running until it exits: finished, or failed/interrupted
-            elif await self._port_open(svc.port):
+            elif await self._port_open(svc.port) and svc.status == "starting":
                 svc.status, svc.phase, svc.ready_at = "ready", "ready", time.time()
                 self._save(svc)
             if svc.status == "starting" and svc.kind == "vllm" and \
@@ -481,10 +486,59 @@ class ServiceManager:
         except (OSError, HTTPClientError, ValueError, KeyError):
             return False
 
+    def forward_signal(self, signum: int) -> None:
+        """Pass a signal (SIGUSR1: the walltime is near) on to every running fine-tune run,
+        its workers included, so each saves a checkpoint."""
+        for svc in self.services.values():
+            if svc.kind in ONE_SHOT and svc.status in ("starting", "ready"):
+                for g in {svc.pid} | _descendant_groups(svc.pid):
+                    try:
+                        os.killpg(g, signum)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                self.log.info("aifab: passed signal %s on to run %r", signum, svc.name)
+
     async def shutdown(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
         await self.stop_all()
+
+
+def run_outcome(svc: Service) -> tuple[str, str] | None:
+    """A fine-tune run's outcome from what it wrote (exit codes do not survive torchrun or
+    a restart of the Jupyter server): (status, error), or None if it says nothing."""
+    out = Path(svc.output) if svc.output else None
+    if out is None:
+        return None
+    if (out / "aifab-run.json").is_file():
+        return ("finished", "")
+    last = tail(out / "metrics.jsonl", 1)
+    if last and '"event": "interrupted"' in last[-1]:
+        return ("failed", "interrupted (SIGTERM/SIGUSR1 or walltime): a checkpoint was saved; "
+                          "continue with --resume")
+    return None
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    """Process groups of a process's descendants: torchrun starts each worker in a session
+    of its own, out of reach of a signal to the service's group."""
+    children: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d.name))
+        groups[int(d.name)] = int(fields[2])
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(groups.get(child, child))
+            todo.append(child)
+    return found - {pid}
 
 
 def _kill_leftovers(svc: Service) -> None:

@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     ckpt_dir = out / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
     stop_reason: list[str] = []
+    stopped_by_us: list[int] = []  # the step at which our callback ended training
+    if rank == 0:
+        (out / RUN_FILE).unlink(missing_ok=True)  # "done" is only ever this run's
 
     def on_signal(signum, _frame):
         stop_reason.append(signal.Signals(signum).name)
@@ -91,6 +95,11 @@ def main(argv=None) -> int:
         def __init__(self):
             self.t_last, self.tokens_last = time.perf_counter(), 0
 
+        def on_train_begin(self, targs, state, control, **kw):
+            # after a resume the count starts where the checkpoint left it
+            self.t_last, self.tokens_last = time.perf_counter(), int(
+                state.num_input_tokens_seen or 0)
+
         def on_log(self, targs, state, control, logs=None, **kw):
             if "loss" not in (logs or {}):
                 return
@@ -105,6 +114,7 @@ def main(argv=None) -> int:
 
         def on_save(self, targs, state, control, **kw):
             d = ckpt_dir / f"checkpoint-{state.global_step}"
+            _barrier()  # every rank's files (RNG states) are written before the marker
             if rank == 0 and d.is_dir():
                 tmp = d / (COMPLETE + ".tmp")
                 tmp.write_text(str(state.global_step))
@@ -112,12 +122,30 @@ def main(argv=None) -> int:
                 emit({"event": "checkpoint", "step": state.global_step, "path": str(d)})
 
         def on_step_end(self, targs, state, control, **kw):
-            near_end = walltime_end and time.time() > walltime_end - args.walltime_margin
-            if (stop_reason or near_end) and state.global_step > 0:
-                if near_end and not stop_reason:
-                    stop_reason.append("walltime")
+            near_end = bool(walltime_end and time.time() > walltime_end - args.walltime_margin)
+            # all ranks must agree on the step they stop at (the save is collective)
+            if _any_rank(bool(stop_reason) or near_end) and state.global_step > 0 \
+                    and state.global_step < state.max_steps:
+                if not stop_reason:
+                    stop_reason.append("walltime" if near_end else "signal on another rank")
+                stopped_by_us.append(state.global_step)
                 control.should_save = True
                 control.should_training_stop = True
+
+    def _any_rank(flag: bool) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([1 if flag else 0], device="cuda" if cuda else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _barrier() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
     def gpu_memory() -> list[float]:
         if not cuda:
@@ -131,7 +159,7 @@ def main(argv=None) -> int:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.bfloat16 if cuda else torch.float32)
+        args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
     peft_config = None
     if args.method == "lora":
         from peft import LoraConfig
@@ -144,7 +172,7 @@ def main(argv=None) -> int:
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         max_length=args.seq_len, packing=args.packing, save_steps=args.save_steps,
         save_total_limit=3, logging_steps=1, report_to=[], seed=args.seed, data_seed=args.seed,
-        bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
+        bf16=bf16, use_cpu=not cuda, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", lr_scheduler_type="constant",
         disable_tqdm=True,
     )
@@ -155,10 +183,16 @@ def main(argv=None) -> int:
     emit({"event": "start", "name": args.name, "model": args.model, "data": summary.path,
           "records": summary.records, "method": args.method, "resume_from": str(resume or ""),
           "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-          "device": "cuda" if cuda else "cpu"})
+          "device": "cuda" if cuda else "cpu",
+          # what a --resume must keep equal (shapes, data order)
+          "shape": {"model": args.model, "method": args.method, "lora_r": args.lora_r,
+                    "lora_alpha": args.lora_alpha, "batch_size": args.batch_size,
+                    "grad_accum": args.grad_accum, "seq_len": args.seq_len,
+                    "packing": args.packing,
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))}})
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    if stop_reason:
+    if stopped_by_us:  # (a signal after the last step changes nothing: the run is done)
         emit({"event": "interrupted", "reason": stop_reason[0],
               "step": trainer.state.global_step})
         return EXIT_INTERRUPTED

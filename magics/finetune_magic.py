@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -144,8 +145,11 @@ def _serve_when_done(run) -> None:
 
         try:
             run.wait()
-            run.served = serve(run.info["model"], name=f"{run.name}-srv"[:40],
-                               loras={run.name: run.output}, wait=False)
+            info, name = run.info, run.name[:36].rstrip("-") + "-srv"
+            if Path(run.output, "adapter_config.json").is_file():
+                run.served = serve(info["model"], name=name, loras={run.name: run.output})
+            else:  # --method full: the output is a model of its own
+                run.served = serve(run.output, name=name)
         except Exception as exc:
             run.serve_error = f"%finetune --serve: nothing served: {exc}"
 

@@ -13,10 +13,15 @@ import ipywidgets as w
 from aifab.finetuning import FineTuneRun
 
 
-def loss_svg(losses: list[float], width: int = 320, height: int = 90) -> str:
-    """An inline SVG polyline of the loss (pure: no plotting library needed)."""
+def loss_svg(losses: list[float], width: int = 320, height: int = 90,
+             max_points: int = 400) -> str:
+    """An inline SVG polyline of the loss (pure: no plotting library needed), thinned to at
+    most ``max_points`` so a long run's curve stays small."""
     if len(losses) < 2:
         return ""
+    if len(losses) > max_points:
+        stride = len(losses) / max_points
+        losses = [losses[int(i * stride)] for i in range(max_points)] + [losses[-1]]
     lo, hi = min(losses), max(losses)
     span = (hi - lo) or 1.0
     pts = " ".join(
@@ -61,6 +66,8 @@ class FineTuneWidget(w.VBox):
             mem = ", ".join(f"{g:.1f}" for g in last.get("gpu_mem_gb") or []) or "CPU"
             self.stats.value = (f"{last['tokens_per_s']:.0f} tokens/s · lr {last['lr']:.2e}"
                                 f" · GPU memory (GiB): {mem}")
+        if status == "stopping":
+            self.state.value += " · stopping (saving a checkpoint)…"
         if status == "finished":
             self.bar.bar_style = "success"
             done = next((m for m in metrics if m.get("event") == "done"), {})
@@ -72,14 +79,21 @@ class FineTuneWidget(w.VBox):
             self.stop_button.disabled = True
 
     def _watch(self) -> None:
+        failures = 0
         while True:
             try:
                 info = self.run.info
-            except Exception as exc:  # the widget must not die with a traceback thread
+                self.update(self.run.metrics(since_last_start=True), info["status"],
+                            info.get("error", ""))
+                failures = 0
+            except Exception as exc:  # keep following: a hiccup must not end the display
+                failures += 1
                 self.state.value = f"cannot reach the session services: {html.escape(str(exc))}"
-                return
-            self.update(self.run.metrics(), info["status"], info.get("error", ""))
-            if info["status"] not in ("starting", "ready"):
+                if failures > 30:
+                    return
+                time.sleep(min(30, self._poll * 2 ** failures))
+                continue
+            if info["status"] not in ("starting", "ready", "stopping"):
                 return
             time.sleep(self._poll)
 

@@ -48,6 +48,8 @@ class ServeWidget(w.VBox):
         elapsed = time.monotonic() - self._t0
         if self.status == "starting":
             self.state.value = f"{html.escape(self.phase)} … {elapsed:.0f}s"
+        elif self.status == "stopping":
+            self.state.value = "stopping…"
         elif self.status == "ready":
             self.progress.bar_style = "success"
             self.state.value = f"ready after {info['ready_at'] - info['started_at']:.0f}s"
@@ -73,7 +75,7 @@ class ServeWidget(w.VBox):
                 self.state.value = f"cannot reach the session services: {html.escape(str(exc))}"
                 return
             self.update(info)
-            if info["status"] != "starting":
+            if info["status"] not in ("starting", "stopping"):
                 return
             time.sleep(self._poll)
 

@@ -78,6 +78,8 @@ def render_batch_script(
         f"#SBATCH --cpus-per-task={placement.cpus}",
         f"#SBATCH --mem={placement.memory_gb}G",
         f"#SBATCH --comment={SESSION_COMMENT}",
+        # a warning to the server 5 minutes before the walltime: fine-tune runs checkpoint
+        "#SBATCH --signal=B:USR1@300",
     ]
     gres = gres_for(placement.gpus, settings)
     if gres:

@@ -217,6 +217,8 @@ def test_sigusr1_checkpoints_and_stops_then_resume_finishes(jupyter, shell, tiny
     ckpt = Path(opts["output"]) / "checkpoints" / f"checkpoint-{stopped['step']}"
     assert (ckpt / "aifab-complete").is_file()  # not the 1000-step schedule: right now
 
+    with pytest.raises(aifab.finetuning.FineTuneError, match="changed: lora_r 8 -> 16"):
+        aifab.finetune(str(tiny_model), str(data), name="sig", resume=True, lora_r=16, **opts)
     opts["max_steps"] = stopped["step"] + 10
     resumed = aifab.finetune(str(tiny_model), str(data), name="sig", resume=True, **opts)
     resumed.wait(300)
@@ -243,8 +245,11 @@ def test_near_the_walltime_the_trainer_checkpoints_by_itself(tiny_model, data, t
 def test_cell_magic_takes_yaml(shell, tiny_model, data, tmp_path):
     run = shell.run_cell_magic("finetune", "", f"model: {tiny_model}\ndata: {data}\n"
                                                f"name: cell\nmax_steps: 5\nseq_len: 64\n"
-                                               f"output: {tmp_path}/cell\n")
+                                               f"lr: 2e-4\noutput: {tmp_path}/cell\n")
     run.wait(300)
     assert steps(run.metrics())[-1]["step"] == 5
     with pytest.raises(UsageError, match="unknown key"):
         shell.run_cell_magic("finetune", "", f"model: {tiny_model}\ndata: {data}\nsteps: 5\n")
+    with pytest.raises(UsageError, match="seq_len='long': expected an integer"):
+        shell.run_cell_magic("finetune", "", f"model: {tiny_model}\ndata: {data}\n"
+                                             "seq_len: long\n")

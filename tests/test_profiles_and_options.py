@@ -170,7 +170,8 @@ def test_batch_script_is_rendered_from_the_placement_only():
     assert "#SBATCH --export=JUPYTERHUB_API_TOKEN,PATH" in lines
     assert lines[-1] == "exec /opt/bin/batchspawner-singleuser jupyterhub-singleuser '--arg=a b'"
     assert "export AIFAB_WALLTIME_END=$(( $(date +%s) + 7200 ))" in lines
-    assert sum(line.startswith("#SBATCH") for line in lines) == 11
+    assert "#SBATCH --signal=B:USR1@300" in lines
+    assert sum(line.startswith("#SBATCH") for line in lines) == 12
     assert "ulimit -c 0" in lines
 
 

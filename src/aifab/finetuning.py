@@ -63,6 +63,24 @@ def check_options(o: FineTuneOptions) -> FineTuneOptions:
     o.data = os.path.abspath(os.path.expanduser(o.data))
     if o.method not in ("lora", "full"):
         raise FineTuneError(f"method {o.method!r}: lora or full")
+    # YAML reads 2e-4 as a string; every number is checked (and converted) here
+    for fname, kind in (("lr", float), ("epochs", float), ("max_steps", int),
+                        ("batch_size", int), ("grad_accum", int), ("seq_len", int),
+                        ("lora_r", int), ("lora_alpha", int), ("save_steps", int),
+                        ("seed", int)):
+        value = getattr(o, fname)
+        if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        try:
+            converted = kind(value)
+            if kind is int and str(value).strip() != str(converted):
+                raise ValueError
+        except (TypeError, ValueError):
+            what = "an integer" if kind is int else "a number"
+            raise FineTuneError(f"{fname}={value!r}: expected {what}") from None
+        setattr(o, fname, converted)
+    if o.epochs is not None and not o.epochs > 0:
+        raise FineTuneError(f"epochs={o.epochs!r}: more than 0")
     o.name = o.name or default_run_name(o.model)
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,38}[a-z0-9]|[a-z0-9]", o.name):
         raise FineTuneError(f"name {o.name!r}: lowercase letters, digits and '-', at most 40")
@@ -84,7 +102,32 @@ def check_options(o: FineTuneOptions) -> FineTuneOptions:
                 f"output {str(out)!r} holds {what}; choose another --output"
                 + (", or --resume to continue it" if owner == o.name else ""))
     o.output = str(out)
+    if o.resume:
+        _check_resume_shape(o, out)
     return o
+
+
+def _check_resume_shape(o: FineTuneOptions, out: Path) -> None:
+    """A resume must keep what the checkpoint's shapes and data order depend on."""
+    starts = [json.loads(line) for line in _lines(out / "metrics.jsonl")
+              if '"event": "start"' in line]
+    if not starts or "shape" not in starts[-1]:
+        return
+    was = starts[-1]["shape"]
+    now = {"model": o.model, "method": o.method, "lora_r": o.lora_r,
+           "lora_alpha": o.lora_alpha, "batch_size": o.batch_size, "grad_accum": o.grad_accum,
+           "seq_len": o.seq_len, "packing": o.packing}
+    changed = [f"{k} {was[k]!r} -> {v!r}" for k, v in now.items() if k in was and was[k] != v]
+    if changed:
+        raise FineTuneError("--resume must keep the run's settings; changed: "
+                            + ", ".join(changed))
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _run_name(out: Path) -> str | None:
@@ -118,9 +161,11 @@ def trainer_argv(o: FineTuneOptions, ngpus: int) -> list[str]:
         args.append("--packing")
     if o.resume:
         args.append("--resume")
-    if ngpus > 1:  # one process per GPU
+    if ngpus > 1:  # one process per GPU; torchrun passes Slurm's SIGUSR1 on to them
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={ngpus}", *args]
+                f"--nproc-per-node={ngpus}",
+                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                "--shutdown-timeout=50", *args]
     return [sys.executable, *args]
 
 
@@ -144,20 +189,20 @@ class FineTuneRun:
     def output(self) -> str:
         return self.info["output"]
 
-    def metrics(self) -> list[dict]:
-        try:
-            lines = Path(self.output, "metrics.jsonl").read_text().splitlines()
-        except OSError:
-            return []
+    def metrics(self, since_last_start: bool = False) -> list[dict]:
+        lines = _lines(Path(self.output, "metrics.jsonl"))
         out = []
         for line in lines:
             try:
                 out.append(json.loads(line))
             except ValueError:
                 continue  # a line being written
+        if since_last_start:  # this attempt only (after a --resume)
+            starts = [i for i, m in enumerate(out) if m.get("event") == "start"]
+            out = out[starts[-1]:] if starts else out
         return out
 
-    def wait(self, timeout: float = 3600) -> FineTuneRun:
+    def wait(self, timeout: float = 7 * 24 * 3600) -> FineTuneRun:
         self._client.wait(self.name, timeout, until=("finished",))
         return self
 
@@ -209,8 +254,12 @@ def attach(name: str) -> FineTuneRun:
 
 
 def _count(gpus, client: SessionClient) -> int:
-    if isinstance(gpus, int):
-        return gpus
-    if gpus == "all":
+    from aifab.extension.ledger import GPURequestError, parse_gpu_request
+
+    try:
+        kind, value = parse_gpu_request(gpus)
+    except GPURequestError as exc:
+        raise FineTuneError(str(exc)) from None
+    if kind == "all":
         return len(client.session()["visible_gpus"])
-    return len([g for g in str(gpus).split(",") if g]) if "," in str(gpus) else int(gpus)
+    return int(value) if kind == "count" else len(value)
