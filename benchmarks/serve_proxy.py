@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
+import httpx
 
 from benchmarks._serving import jupyter_server, tiny_model, uds_client
 
@@ -51,11 +51,11 @@ def main() -> int:
         # straight to vLLM's socket with its key (read from the record, as its owner may)
         key = json.loads(open(f"{svc['dir']}/record.json").read())["api_key"]
         to_vllm = uds_client(svc["socket"], key)
-        session = requests.Session()
-        session.headers["Authorization"] = f"token {server.token}"
-        url = f"{server.url}aifab/proxy/bench/v1/chat/completions"
+        # the same client library on both sides, so only the proxy differs
+        to_proxy = httpx.Client(base_url=f"{server.url}aifab/proxy/bench", timeout=120,
+                                headers={"Authorization": f"token {server.token}"})
         posts = {"direct": lambda json: to_vllm.post("/v1/chat/completions", json=json),
-                 "proxy": lambda json: session.post(url, json=json, timeout=120)}
+                 "proxy": lambda json: to_proxy.post("/v1/chat/completions", json=json)}
         burst(posts["direct"], 16, args.concurrency)  # warm-up
         half = args.requests // 2
         res = {"direct": [0.0, []], "proxy": [0.0, []]}

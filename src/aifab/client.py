@@ -105,3 +105,33 @@ class SessionClient:
                 raise TimeoutError(f"service {name!r} not {until[0]} after {timeout:.0f}s "
                                    f"(phase: {svc['phase']})")
             time.sleep(0.5)
+
+
+class ServiceHandle:
+    """What every handle on a session service has: its name, live info, logs and stop."""
+
+    def __init__(self, name: str, client: SessionClient | None = None):
+        self.name = name
+        self._client = client or SessionClient()
+        self.widget = None  # the cell's display, when a magic started it
+
+    @property
+    def info(self) -> dict:
+        return self._client.get(self.name)
+
+    @property
+    def status(self) -> str:
+        return self.info["status"]
+
+    @property
+    def gpus(self) -> list[str]:
+        return self.info["gpus"]
+
+    def stop(self) -> dict:
+        return self._client.stop(self.name)
+
+    def logs(self, n: int = 50) -> list[str]:
+        return self._client.logs(self.name, n)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.status}>"

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import ServiceRequestError, SessionClient
+from .client import ServiceHandle, ServiceRequestError, SessionClient
 
 RUN_FILE = "aifab-run.json"
 
@@ -169,21 +169,8 @@ def trainer_argv(o: FineTuneOptions, ngpus: int) -> list[str]:
     return [sys.executable, *args]
 
 
-class FineTuneRun:
+class FineTuneRun(ServiceHandle):
     """A handle on a run: its status and metrics, whichever kernel started it."""
-
-    def __init__(self, name: str, client: SessionClient | None = None):
-        self.name = name
-        self._client = client or SessionClient()
-        self.widget = None
-
-    @property
-    def info(self) -> dict:
-        return self._client.get(self.name)
-
-    @property
-    def status(self) -> str:
-        return self.info["status"]
 
     @property
     def output(self) -> str:
@@ -218,14 +205,6 @@ class FineTuneRun:
             time.sleep(0.5)
         return self.served.wait_ready(max(1.0, deadline - time.monotonic()))
 
-    def stop(self) -> dict:
-        return self._client.stop(self.name)
-
-    def logs(self, n: int = 50) -> list[str]:
-        return self._client.logs(self.name, n)
-
-    def __repr__(self) -> str:
-        return f"<FineTuneRun {self.name!r} {self.status}>"
 
 
 def finetune(model: str, data: str, **kw) -> FineTuneRun:

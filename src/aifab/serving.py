@@ -5,34 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .client import SessionClient
+from .client import ServiceHandle, SessionClient
 
 
-class Served:
+class Served(ServiceHandle):
     """A handle on a served model. ``base_url``/``api_key`` work with any OpenAI client in
     this session; ``public_url`` is the same endpoint through the hub, for the browser or
     curl with a JupyterHub token."""
 
     def __init__(self, name: str, client: SessionClient | None = None):
-        self.name = name
-        self._client = client or SessionClient()
+        super().__init__(name, client)
         self.base_url = self._client.proxy_url(name) + "v1"
         self.api_key = self._client.server.token  # Jupyter's token: the proxy adds vLLM's key
-        self.widget = None  # the cell's display, when started by %serve
         public = self._client.server.public_url
         self.public_url = (public.rstrip("/") + f"/aifab/proxy/{name}/v1") if public else ""
-
-    @property
-    def info(self) -> dict:
-        return self._client.get(self.name)
-
-    @property
-    def status(self) -> str:
-        return self.info["status"]
-
-    @property
-    def gpus(self) -> list[str]:
-        return self.info["gpus"]
 
     @property
     def model(self) -> str:
@@ -47,12 +33,6 @@ class Served:
         from openai import OpenAI
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key)
-
-    def stop(self) -> dict:
-        return self._client.stop(self.name)
-
-    def logs(self, n: int = 50) -> list[str]:
-        return self._client.logs(self.name, n)
 
     def __repr__(self) -> str:
         return f"<Served {self.name!r} {self.status} at {self.base_url}>"
