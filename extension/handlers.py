@@ -120,8 +120,10 @@ class ProxyHandler(APIHandler):
             svc = self.manager.get(name)
         except ServiceError as exc:
             raise web.HTTPError(exc.status, str(exc).replace("%", "%%")) from None
-        if svc.status not in ("starting", "ready") or (svc.kind == "finetune"):
+        if svc.status not in ("starting", "ready"):
             raise web.HTTPError(503, f"service {name!r} is {svc.status}")
+        if not (svc.socket or svc.port):
+            raise web.HTTPError(404, f"service {name!r} serves nothing to proxy to")
         # Jupyter's ?token= stays here; the rest of the query goes on
         params = [(k, v) for k, v in parse_qsl(self.request.query, keep_blank_values=True)
                   if k != "token"]

@@ -146,8 +146,8 @@ class ServiceManager:
             if svc.status in LIVE:
                 if svc.pid and _proc_start(svc.pid) == svc.proc_start:
                     self.log.info("aifab: found running service %r (pid %s)", svc.name, svc.pid)
-                elif svc.kind in ONE_SHOT and run_outcome(svc):
-                    svc.status, svc.error = run_outcome(svc)  # it ended while we were down
+                elif svc.kind in ONE_SHOT and (outcome := run_outcome(svc)):
+                    svc.status, svc.error = outcome  # it ended while we were down
                     self._save(svc)
                 else:
                     _kill_leftovers(svc)
@@ -190,7 +190,7 @@ class ServiceManager:
             sock = str(svc_dir / "vllm.sock")
             argv, env, model, served = self._vllm_launch(spec, gpus, sock, api_key, svc_dir)
         else:
-            port = free_port()
+            port = free_port() if kind == "command" else 0  # a run listens on nothing
             argv, env, model, served = self._command_launch(spec, gpus, port, api_key)
             if kind == "finetune":
                 output, model = str(spec.get("output", "")), str(spec.get("model", ""))
@@ -352,10 +352,10 @@ class ServiceManager:
                 except (ProcessLookupError, PermissionError):
                     pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            while groups & _live_groups(_process_table()) and time.monotonic() < deadline:
                 self._reap(svc.name)
                 await asyncio.sleep(0.1)
-            if not any(_group_alive(g) for g in groups):
+            if not groups & _live_groups(_process_table()):
                 break
         self._reap(svc.name)
 
@@ -519,11 +519,9 @@ def run_outcome(svc: Service) -> tuple[str, str] | None:
     return None
 
 
-def _descendant_groups(pid: int) -> set[int]:
-    """Process groups of a process's descendants: torchrun starts each worker in a session
-    of its own, out of reach of a signal to the service's group."""
-    children: dict[int, list[int]] = {}
-    groups: dict[int, int] = {}
+def _process_table() -> list[tuple[int, int, int, str]]:
+    """(pid, ppid, pgid, state) of every process, from one pass over /proc."""
+    table = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -531,12 +529,25 @@ def _descendant_groups(pid: int) -> set[int]:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(d.name))
-        groups[int(d.name)] = int(fields[2])
+        table.append((int(d.name), int(fields[1]), int(fields[2]), fields[0]))
+    return table
+
+
+def _live_groups(table) -> set[int]:
+    """Process groups with a live member (zombies of our own children count as gone)."""
+    return {pgid for _pid, _ppid, pgid, state in table if state != "Z"}
+
+
+def _descendant_groups(pid: int, table=None) -> set[int]:
+    """Process groups of a process's descendants: torchrun starts each worker in a session
+    of its own, out of reach of a signal to the service's group."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for p, ppid, pgid, _state in table if table is not None else _process_table():
+        children.setdefault(ppid, []).append((p, pgid))
     found, todo = set(), [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(groups.get(child, child))
+        for child, pgid in children.get(todo.pop(), []):
+            found.add(pgid)
             todo.append(child)
     return found - {pid}
 
@@ -551,26 +562,6 @@ def _kill_leftovers(svc: Service) -> None:
         os.killpg(svc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies of our own children count as gone
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            stat = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[2]) == pgid and stat[0] != "Z":
-            return True
-    return False
 
 
 def _installed(dist: str) -> bool:

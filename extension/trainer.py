@@ -29,6 +29,8 @@ EXIT_INTERRUPTED = 75  # stopped early with a checkpoint: resume with --resume
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from aifab.finetuning import FineTuneOptions as d  # the one place defaults are set
+
     p = argparse.ArgumentParser(prog="aifab.extension.trainer")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
@@ -37,15 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=("lora", "full"), default="lora")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--packing", action="store_true")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--save-steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--save-steps", type=int, default=d.save_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--walltime-margin", type=float, default=300.0,
                    help="checkpoint and stop this many seconds before AIFAB_WALLTIME_END")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .parsing import MagicArgumentParser
 
 USAGE = """%finetune MODEL DATA [--name N] [--method lora|full] [--epochs N | --max-steps N]
           [--lr F] [--batch-size N] [--grad-accum N] [--seq-len N] [--packing] [--lora-r N]
@@ -15,14 +16,14 @@ USAGE = """%finetune MODEL DATA [--name N] [--method lora|full] [--epochs N | --
 %finetune list | %finetune stop NAME | %finetune logs NAME | %finetune attach NAME
 %%finetune  (cell: the same options as YAML, e.g. model: ..., data: ..., max_steps: 60)"""
 
-KEYS = ("name", "method", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "seq_len",
-        "packing", "lora_r", "lora_alpha", "gpus", "output", "resume", "serve", "save_steps",
-        "seed")
+def _option_keys() -> tuple[str, ...]:
+    """What %%finetune's YAML may set: FineTuneOptions' fields (the one list of options)."""
+    import dataclasses
 
+    from aifab.finetuning import FineTuneOptions
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message}\nusage: {USAGE}")
+    return tuple(f.name for f in dataclasses.fields(FineTuneOptions)
+                 if f.name not in ("model", "data"))
 
 
 def parse_finetune(line: str) -> tuple[str, dict]:
@@ -37,28 +38,29 @@ def parse_finetune(line: str) -> tuple[str, dict]:
         if words[0] != "list" and len(words) != 2:
             raise UsageError(f"%finetune {words[0]} NAME")
         return words[0], {"name": words[1] if len(words) > 1 else ""}
-    p = _Parser(prog="%finetune", add_help=False)
+    # only the flags given: FineTuneOptions holds the defaults, in one place
+    p = MagicArgumentParser(prog="%finetune", usage_text=USAGE, argument_default=argparse.SUPPRESS)
     p.add_argument("model")
     p.add_argument("data")
-    p.add_argument("--name", default="")
-    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--name")
+    p.add_argument("--method", choices=("lora", "full"))
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=float)
     steps.add_argument("--max-steps", type=int)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seq-len", type=int)
     p.add_argument("--packing", action="store_true")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--save-steps", type=int)
     p.add_argument("--gpus")
-    p.add_argument("--output", default="")
+    p.add_argument("--output")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--serve", action="store_true")
     opts = vars(p.parse_args(words))
-    if opts["gpus"] is not None and opts["gpus"].isdigit():
+    if str(opts.get("gpus", "")).isdigit():
         opts["gpus"] = int(opts["gpus"])
     return "run", opts
 
@@ -72,10 +74,11 @@ def options_from_yaml(text: str) -> dict:
         raise UsageError(f"%%finetune: the cell is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise UsageError("%%finetune: the cell must be a YAML mapping (model: ..., data: ...)")
-    unknown = sorted(set(data) - set(KEYS) - {"model", "data"})
+    keys = _option_keys()
+    unknown = sorted(set(data) - set(keys) - {"model", "data"})
     if unknown:
         raise UsageError(f"%%finetune: unknown key(s) {', '.join(unknown)}; allowed: model, "
-                         f"data, {', '.join(KEYS)}")
+                         f"data, {', '.join(keys)}")
     for key in ("model", "data"):
         if key not in data:
             raise UsageError(f"%%finetune: '{key}' is required")
@@ -123,34 +126,10 @@ class FineTuneMagics(Magics):
             if command == "attach":
                 run = attach(opts["name"])
             else:
-                serve_after = opts.pop("serve", False)
                 model, data = opts.pop("model"), opts.pop("data")
                 run = finetune(model, data, **opts)
-                run.serve_after = serve_after
-        except (ServiceRequestError, FineTuneError) as exc:
+        except (ServiceRequestError, FineTuneError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         run.widget = FineTuneWidget(run)
         display(run.widget)
-        if getattr(run, "serve_after", False):
-            _serve_when_done(run)
         return run
-
-
-def _serve_when_done(run) -> None:
-    """--serve: once the run has finished, serve its adapter (in a thread: the cell returns)."""
-    import threading
-
-    def go():
-        from aifab.serving import serve
-
-        try:
-            run.wait()
-            info, name = run.info, run.name[:36].rstrip("-") + "-srv"
-            if Path(run.output, "adapter_config.json").is_file():
-                run.served = serve(info["model"], name=name, loras={run.name: run.output})
-            else:  # --method full: the output is a model of its own
-                run.served = serve(run.output, name=name)
-        except Exception as exc:
-            run.serve_error = f"%finetune --serve: nothing served: {exc}"
-
-    threading.Thread(target=go, daemon=True).start()

@@ -8,14 +8,11 @@ import shlex
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
+from .parsing import MagicArgumentParser
+
 USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
        [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--wait] [-- extra vllm args]
 %serve list | %serve stop NAME | %serve logs NAME [-n 50]"""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a user's mistake: a UsageError, not SystemExit
-        raise UsageError(f"{message}\nusage: {USAGE}")
 
 
 def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
@@ -31,13 +28,13 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
     if not words:
         raise UsageError(f"usage: {USAGE}")
     if words[0] in ("list", "stop", "logs"):
-        p = _Parser(prog=f"%serve {words[0]}", add_help=False)
+        p = MagicArgumentParser(prog=f"%serve {words[0]}", usage_text=USAGE)
         if words[0] != "list":
             p.add_argument("name")
         if words[0] == "logs":
             p.add_argument("-n", type=int, default=50)
         return words[0], p.parse_args(words[1:]), extra
-    p = _Parser(prog="%serve", add_help=False)
+    p = MagicArgumentParser(prog="%serve", usage_text=USAGE)
     p.add_argument("model")
     p.add_argument("--name")
     p.add_argument("--gpus")

@@ -192,11 +192,6 @@ class PlacementSpawner(Spawner):
         if self.child is not None and change.new:
             self.child.port = change.new
 
-    @observe("api_token", "admin_access", "cert_paths")
-    def _forward_token(self, change):
-        if self.child is not None:
-            setattr(self.child, change.name, change.new)
-
     _validated_for_start = False
     _listening_at = ""
 

@@ -182,10 +182,7 @@ class SlurmSessionSpawner(SlurmSpawner):
             raise RuntimeError("SlurmSessionSpawner started without a validated placement")
         home = self._homedir()
         env = self.get_env()
-        launcher = [self.batchspawner_singleuser_cmd]
-        if os.path.basename(launcher[0]) == "aifab-singleuser":
-            launcher.append("--report-port")
-        command = [*launcher, *self.cmd, *self.get_args()]
+        command = [self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()]
         return render_batch_script(
             self.placement,
             self.slurm_settings,

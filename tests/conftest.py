@@ -127,6 +127,22 @@ def slurm_hub(slurm, test_user, work_root):
 
 
 @pytest.fixture
+def ipython_on(monkeypatch):
+    """Connect a real IPython shell, with the aifab magics, to a harness Jupyter server."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    def connect(server):
+        monkeypatch.setenv("AIFAB_SERVER_URL", server.url)
+        monkeypatch.setenv("AIFAB_SERVER_TOKEN", server.token)
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "aifab.magics")
+        return ip
+
+    yield connect
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
 def hub_factory(work_root):
     """Make Hub objects; every hub made is stopped at the end of the test."""
     made: list[Hub] = []

@@ -30,15 +30,8 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def shell(jupyter, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    monkeypatch.setenv("AIFAB_SERVER_URL", jupyter.url)
-    monkeypatch.setenv("AIFAB_SERVER_TOKEN", jupyter.token)
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "aifab.magics")
-    yield ip
-    InteractiveShell.clear_instance()
+def shell(jupyter, ipython_on):
+    return ipython_on(jupyter)
 
 
 def steps(metrics: list[dict]) -> list[dict]:

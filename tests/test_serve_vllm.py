@@ -105,16 +105,8 @@ def test_restarted_server_finds_vllm_and_kill_9_turns_it_failed(jupyter):
 
 
 @pytest.fixture
-def shell(jupyter, monkeypatch):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    server = jupyter["server"]
-    monkeypatch.setenv("AIFAB_SERVER_URL", server.url)
-    monkeypatch.setenv("AIFAB_SERVER_TOKEN", server.token)
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "aifab.magics")
-    yield ip
-    InteractiveShell.clear_instance()
+def shell(jupyter, ipython_on):
+    return ipython_on(jupyter["server"])
 
 
 def test_serve_magic_client_and_stop(shell, jupyter, tiny_model):
@@ -150,15 +142,11 @@ def test_serve_refuses_bad_input_before_launch(shell, tmp_path):
     assert vllm_pids() == before
 
 
-def test_server_shutdown_leaves_no_vllm(jupyter, tiny_model):
+def test_server_shutdown_leaves_no_vllm(jupyter, shell, tiny_model):
     import aifab
 
     server = jupyter["server"]
-    os.environ["AIFAB_SERVER_URL"], os.environ["AIFAB_SERVER_TOKEN"] = server.url, server.token
-    try:
-        served = aifab.serve(str(tiny_model), name="last", wait=True, timeout=300)
-    finally:
-        del os.environ["AIFAB_SERVER_URL"], os.environ["AIFAB_SERVER_TOKEN"]
+    served = aifab.serve(str(tiny_model), name="last", wait=True, timeout=300)
     pid = served.info["pid"]
     assert pid in vllm_pids()
     server.stop()

@@ -33,7 +33,7 @@ def test_a_refused_port_report_stops_the_launcher():
     env = {"JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",  # nothing listens on port 9
            "JUPYTERHUB_API_TOKEN": "x", "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/a/",
            "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "aifab.singleuser", "--report-port", "true"],
+    out = subprocess.run([sys.executable, "-m", "aifab.singleuser", "true"],
                          env=env, capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode != 0
     assert "Connection refused" in out.stderr

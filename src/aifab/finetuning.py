@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .client import ServiceHandle, ServiceRequestError, SessionClient
@@ -41,7 +41,6 @@ class FineTuneOptions:
     serve: bool = False
     save_steps: int = 50
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def check_options(o: FineTuneOptions) -> FineTuneOptions:
@@ -222,7 +221,31 @@ def finetune(model: str, data: str, **kw) -> FineTuneRun:
                        "model": opts.model})
     except ServiceRequestError as exc:
         raise FineTuneError(str(exc)) from None
-    return FineTuneRun(opts.name, client)
+    run = FineTuneRun(opts.name, client)
+    if opts.serve:
+        _serve_when_done(run)
+    return run
+
+
+def _serve_when_done(run: FineTuneRun) -> None:
+    """serve=True: once the run has finished, serve what it wrote (in a thread, so the cell
+    returns); ``run.wait_served()`` waits for it."""
+    import threading
+
+    def go():
+        from .serving import serve
+
+        try:
+            run.wait()
+            info, name = run.info, run.name[:36].rstrip("-") + "-srv"
+            if Path(run.output, "adapter_config.json").is_file():
+                run.served = serve(info["model"], name=name, loras={run.name: run.output})
+            else:  # method full: the output is a model of its own
+                run.served = serve(run.output, name=name)
+        except Exception as exc:
+            run.serve_error = f"serve after the run: nothing served: {exc}"
+
+    threading.Thread(target=go, daemon=True).start()
 
 
 def attach(name: str) -> FineTuneRun:

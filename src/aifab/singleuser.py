@@ -2,7 +2,8 @@
 
 Runs CMD (normally ``jupyterhub-singleuser``) in this process after two things:
 
-* ``--report-port``: picks a free port on this node and reports it to the hub
+* when the hub does not know the port yet (``JUPYTERHUB_SERVICE_URL`` says port 0, as a
+  batch spawner's job is told), it picks a free port on this node and reports it to the hub
   (``POST $JUPYTERHUB_API_URL/batchspawner {"port": N}``, the batchspawner protocol) with the
   standard library, before any heavy import — what ``batchspawner-singleuser`` does, minus
   the ~0.5 s of imports it needs for it, and checking the hub's answer;
@@ -68,14 +69,11 @@ def report_port(port: int, env=os.environ) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    report = bool(argv) and argv[0] == "--report-port"
-    if report:
-        argv = argv[1:]
     if not argv:
-        sys.exit("usage: aifab-singleuser [--report-port] CMD [ARGS...]")
+        sys.exit("usage: aifab-singleuser CMD [ARGS...]")
     defer_rfc3987_syntax()
-    if report:
-        service_url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
+    service_url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
+    if service_url.port == 0:
         port = free_port(service_url.hostname or "")
         report_port(port)
         os.environ["JUPYTERHUB_SERVICE_URL"] = urlunparse(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.harness.hub import free_port
+from tests.harness.hub import free_port, stop_process
 
 BIN = Path(sys.executable).parent
 
@@ -53,13 +52,8 @@ class JupyterServer:
 
     def stop(self, timeout: float = 60) -> None:
         """Graceful shutdown (SIGTERM), as when a session ends."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc:
+            stop_process(self.proc, timeout)
         self.proc = None
 
     def crash(self) -> None:
