@@ -5,14 +5,17 @@ server shuts down."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, Unicode, default
 
+from aifab import cluster_jobs
 from aifab.session import Session
 
 from .services import ServiceManager
@@ -55,6 +58,7 @@ class AifabExtension(ExtensionApp):
                                       ready_timeout=self.ready_timeout)
         self.manager.adopt()
         self.settings["aifab_services"] = self.manager
+        self._sweep_dask_jobs(everything=False)
 
     def initialize_handlers(self):
         from .handlers import handlers
@@ -76,6 +80,20 @@ class AifabExtension(ExtensionApp):
 
         signal.signal(signal.SIGUSR1, on_usr1)
 
+    def _sweep_dask_jobs(self, everything: bool) -> None:
+        """Cancel the dask worker jobs of this session whose kernel is gone (at start: what
+        earlier servers' kernels left) or all of them (at the end of the session)."""
+        if not shutil.which("squeue"):
+            return
+        try:
+            cancelled = cluster_jobs.sweep(cluster_jobs.session_key(), everything=everything)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            self.log.warning("aifab: could not sweep dask worker jobs: %s", exc)
+            return
+        if cancelled:
+            self.log.info("aifab: cancelled dask worker jobs %s", ", ".join(cancelled))
+
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")
         await self.manager.shutdown()
+        self._sweep_dask_jobs(everything=True)

@@ -102,6 +102,12 @@ def render_batch_script(
         # the allocation's end, as the session will see it (the job starts now)
         f"export AIFAB_WALLTIME_END=$(( $(date +%s) + {int(placement.walltime_s)} ))",
     ]
+    # where the session runs, so that jobs it submits (dask workers) go to the same place
+    for name, value in (("AIFAB_SLURM_PARTITION", settings.partition),
+                        ("AIFAB_SLURM_ACCOUNT", settings.account),
+                        ("AIFAB_SLURM_RESERVATION", settings.reservation)):
+        if value:
+            lines.append(f"export {name}={shlex.quote(value)}")
     if placement.image_ref:
         lines.append(f"export AIFAB_IMAGE={shlex.quote(placement.image_ref)}")
     if settings.prologue.strip():

@@ -10,7 +10,8 @@ from .session import Session, SessionContractError
 
 __version__ = "0.1.0"
 
-__all__ = ["Session", "SessionContractError", "__version__", "finetune", "serve"]
+__all__ = ["Session", "SessionContractError", "__version__", "cluster", "data", "finetune",
+           "serve"]
 
 
 def __getattr__(name: str):
@@ -23,4 +24,12 @@ def __getattr__(name: str):
         from .finetuning import finetune
 
         return finetune
+    if name == "cluster":
+        from .dask_cluster import cluster
+
+        return cluster
+    if name == "data":
+        import importlib
+
+        return importlib.import_module(".data", __name__)
     raise AttributeError(f"module 'aifab' has no attribute {name!r}")

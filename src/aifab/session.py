@@ -22,9 +22,21 @@ ENV_GPUS = "AIFAB_GPUS"
 ENV_WALLTIME_END = "AIFAB_WALLTIME_END"
 ENV_SLURM_JOB_ID = "AIFAB_SLURM_JOB_ID"
 ENV_POD_NAME = "AIFAB_POD_NAME"
+# Where the session's Slurm job runs; dask worker jobs are submitted to the same place.
+ENV_SLURM_PARTITION = "AIFAB_SLURM_PARTITION"
+ENV_SLURM_ACCOUNT = "AIFAB_SLURM_ACCOUNT"
+ENV_SLURM_RESERVATION = "AIFAB_SLURM_RESERVATION"
 CONTRACT_VARS = (
     ENV_BACKEND, ENV_PROFILE, ENV_GPUS, ENV_WALLTIME_END, ENV_SLURM_JOB_ID, ENV_POD_NAME,
+    ENV_SLURM_PARTITION, ENV_SLURM_ACCOUNT, ENV_SLURM_RESERVATION,
 )
+# Slurm's own names for the same facts, used when the contract does not give them.
+_SLURM_FALLBACK = {
+    ENV_SLURM_PARTITION: "SLURM_JOB_PARTITION",
+    ENV_SLURM_ACCOUNT: "SLURM_JOB_ACCOUNT",
+    ENV_SLURM_RESERVATION: "SLURM_JOB_RESERVATION",
+}
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
 
 # A GPU as CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES name it: an index, a UUID or a MIG id.
 _GPU_ID = re.compile(r"[0-9]{1,3}|(GPU|MIG)-[0-9A-Za-z/-]{1,80}")
@@ -61,6 +73,9 @@ class Session:
     walltime_end: float | None = None
     slurm_job_id: str | None = None
     pod_name: str | None = None
+    slurm_partition: str = ""
+    slurm_account: str = ""
+    slurm_reservation: str = ""
     source: str = "detected"  # "contract" when the AIFAB_* variables were set by the spawner
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -83,6 +98,11 @@ class Session:
             env[ENV_SLURM_JOB_ID] = self.slurm_job_id
         if self.pod_name:
             env[ENV_POD_NAME] = self.pod_name
+        for name, value in ((ENV_SLURM_PARTITION, self.slurm_partition),
+                            (ENV_SLURM_ACCOUNT, self.slurm_account),
+                            (ENV_SLURM_RESERVATION, self.slurm_reservation)):
+            if value:
+                env[name] = value
         return env
 
     @classmethod
@@ -113,6 +133,7 @@ class Session:
                 walltime_end=walltime_end,
                 slurm_job_id=env.get(ENV_SLURM_JOB_ID) or env.get("SLURM_JOB_ID"),
                 pod_name=env.get(ENV_POD_NAME),
+                **_slurm_place(env),
                 source="contract",
                 notes=tuple(notes),
             )
@@ -128,8 +149,20 @@ class Session:
             visible_gpus=visible,
             slurm_job_id=env.get("SLURM_JOB_ID"),
             pod_name=env.get("HOSTNAME") if backend == "kubernetes" else None,
+            **_slurm_place(env),
             source="detected",
         )
+
+
+def _slurm_place(env: Mapping[str, str]) -> dict[str, str]:
+    """Partition, account and reservation of the session's job (contract, else Slurm's)."""
+    out = {}
+    for name, fallback in _SLURM_FALLBACK.items():
+        value = (env.get(name) or env.get(fallback) or "").strip()
+        if value and not _SLURM_NAME.fullmatch(value):
+            raise SessionContractError(f"{name}={value!r}: letters, digits and _.+- only")
+        out[name[len("AIFAB_"):].lower()] = value
+    return out
 
 
 def _visible_gpus(env: Mapping[str, str]) -> tuple[str, ...]:

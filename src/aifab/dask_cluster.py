@@ -1,0 +1,384 @@
+"""``aifab.cluster()``: a dask cluster that fits the session.
+
+* Slurm session: a ``dask_jobqueue.SLURMCluster`` whose worker jobs go where the session's job
+  runs (partition, account, reservation), never outlive it (walltime capped to what the session
+  has left), carry the session's tag (see :mod:`aifab.cluster_jobs`), talk TLS to the scheduler
+  and hold no GPU unless asked (``gpus_per_worker``).
+* Local session (this machine, the demo): a ``distributed.LocalCluster`` on 127.0.0.1.
+* Kubernetes session: a ``LocalCluster`` inside the pod, unless the site names a cluster class
+  in the dask config key ``aifab.kubernetes-cluster`` (e.g. dask-kubernetes' ``KubeCluster``).
+
+Settings are layered the way dask users expect: the site's dask config (``jobqueue.slurm.*`` in
+``/etc/dask`` or ``~/.config/dask``) < the session < keyword arguments. An unknown or invalid
+keyword is refused with a message naming it and what is allowed; nothing is submitted then.
+In every case the scheduler's dashboard listens on 127.0.0.1 and is linked through the Jupyter
+server's proxy (``<server>/proxy/<port>/status``), so it opens from a browser behind the hub.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import math
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import dask
+from dask.utils import parse_bytes
+from dask_jobqueue import SLURMCluster
+from dask_jobqueue.core import Job, JobQueueCluster
+from dask_jobqueue.slurm import SLURMJob
+from distributed import LocalCluster, SpecCluster
+from distributed.deploy.adaptive import Adaptive
+
+from . import cluster_jobs
+from .session import Session
+
+DEFAULT_CORES = 2
+DEFAULT_MEMORY = "8GiB"
+DEFAULT_WALLTIME_S = 3600
+# a worker job ends this long before the session does, so the session never waits on it
+WALLTIME_MARGIN_S = 120
+_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
+_WALLTIME = re.compile(
+    r"(?:(?P<d>[0-9]{1,3})-)?(?:(?P<h>[0-9]{1,3}):)?(?P<m>[0-9]{1,4}):(?P<s>[0-9]{2})")
+# what aifab sets itself: tagging and placement must not be overridden by accident
+_RESERVED = {"job_name": "worker jobs are named and tagged by aifab so they can be cleaned up",
+             "name": "aifab names the cluster",
+             "config_name": "aifab uses the site's 'slurm' dask-jobqueue config",
+             "job_cls": "aifab's job class keeps secrets out of the worker jobs",
+             "loop": "not supported from a notebook", "asynchronous": "not supported here",
+             "scheduler_cls": "not supported here"}
+_RESERVED_DIRECTIVES = ("--comment", "--job-name", "-J")
+_NOT_WITH_LOCAL = ("queue", "account", "walltime", "job_extra_directives", "gpus_per_worker",
+                   "reservation")
+
+
+class ClusterOptionError(ValueError):
+    """A keyword of aifab.cluster() is unknown or invalid; nothing was started."""
+
+
+def cluster(*, workers: int = 0, **overrides):
+    """A dask cluster for this session, with ``workers`` worker processes requested now.
+
+    Slurm keywords are dask-jobqueue's ``SLURMCluster`` ones (cores, memory, processes, walltime,
+    queue, account, job_extra_directives, interface, ...) plus ``reservation`` and
+    ``gpus_per_worker``. On this machine, LocalCluster's (threads_per_worker, memory_limit, ...).
+    """
+    _check_count("workers", workers)
+    session = Session.from_env()
+    if session.backend == "slurm":
+        return SessionSLURMCluster.for_session(session, workers=workers, **overrides)
+    if session.backend == "kubernetes":
+        site_class = dask.config.get("aifab.kubernetes-cluster", None)
+        if site_class:
+            from dask.utils import import_term
+
+            return import_term(site_class)(n_workers=workers, **overrides)
+    return _local_cluster(workers, overrides)
+
+
+# ----------------------------------------------------------------------------- Slurm
+def _slurm_keywords() -> set[str]:
+    names: set[str] = set()
+    for fn in (JobQueueCluster.__init__, SLURMJob.__init__, Job.__init__):
+        names |= {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
+    names -= {"self", "scheduler", "n_workers", "job_cls", "env_extra", "job_extra", "extra",
+              "project"} | set(_RESERVED)
+    return names | {"reservation", "gpus_per_worker"}
+
+
+def _refuse_unknown(given, allowed: set[str], what: str) -> None:
+    for key in given:
+        if key in _RESERVED:
+            raise ClusterOptionError(f"aifab.cluster(): {key!r} cannot be set: {_RESERVED[key]}")
+        if key not in allowed:
+            near = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ClusterOptionError(
+                f"aifab.cluster(): unknown option {key!r} for {what}{hint}; allowed: "
+                + ", ".join(sorted(allowed)))
+
+
+def _check_count(name: str, value, low: int = 0, high: int = 10_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ClusterOptionError(
+            f"aifab.cluster(): {name}={value!r} must be a whole number from {low} to {high}")
+    return value
+
+
+def parse_walltime(value) -> int:
+    """Slurm's [D-][HH:]MM:SS (or seconds as an int) -> seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _WALLTIME.fullmatch(str(value).strip())
+    if not m:
+        raise ClusterOptionError(
+            f"aifab.cluster(): walltime={value!r} must look like HH:MM:SS, D-HH:MM:SS or MM:SS")
+    d, h = int(m["d"] or 0), int(m["h"] or 0)
+    return ((d * 24 + h) * 60 + int(m["m"])) * 60 + int(m["s"])
+
+
+def format_minutes(seconds: int) -> str:
+    """Whole minutes as HH:MM:00 (Slurm rounds seconds up to the minute: round down here)."""
+    minutes = seconds // 60
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def _interfaces() -> set[str]:
+    return {name for _, name in socket.if_nameindex()}
+
+
+def job_of_worker(ws) -> str:
+    """The job a worker belongs to: dask-jobqueue names grouped workers JOBNAME-i."""
+    return str(ws.name).rsplit("-", 1)[0]
+
+
+def slurm_settings(session: Session, overrides: dict, now: float | None = None) -> dict:
+    """SLURMCluster keywords for this session: site dask config < session < overrides."""
+    _refuse_unknown(overrides, _slurm_keywords(), "a Slurm session")
+    o = dict(overrides)
+    conf = dask.config.get("jobqueue.slurm", {})
+
+    cores = _check_count("cores", o.pop("cores", conf.get("cores") or DEFAULT_CORES), 1, 4096)
+    processes = o.pop("processes", conf.get("processes") or 1)
+    _check_count("processes", processes, 1, cores)
+    memory = o.pop("memory", conf.get("memory") or DEFAULT_MEMORY)
+    try:
+        if parse_bytes(memory) < 2**28:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ClusterOptionError(f"aifab.cluster(): memory={memory!r} must be an amount like "
+                                 "'8GiB' or '16GB' (at least 256MiB)") from None
+    gpus = _check_count("gpus_per_worker", o.pop("gpus_per_worker", 0), 0, 16)
+
+    directives = list(o.pop("job_extra_directives", conf.get("job-extra-directives") or []))
+    for d in directives:
+        if not isinstance(d, str) or any(c in d for c in "\n\r\0"):
+            raise ClusterOptionError(f"aifab.cluster(): job_extra_directives entry {d!r} must "
+                                     "be one line of text")
+        if d.split("=", 1)[0].split()[0] in _RESERVED_DIRECTIVES:
+            raise ClusterOptionError(f"aifab.cluster(): {d!r} is set by aifab (worker jobs "
+                                     "are tagged with the session so they can be cleaned up)")
+
+    place = {"queue": session.slurm_partition, "account": session.slurm_account,
+             "reservation": session.slurm_reservation}
+    for key in place:
+        value = o.pop(key, None)
+        if value is None:
+            value = place[key] or conf.get(key) or ""
+        if value and not _NAME.fullmatch(str(value)):
+            raise ClusterOptionError(f"aifab.cluster(): {key}={value!r}: letters, digits and "
+                                     "_.+- only")
+        place[key] = value
+
+    wanted = parse_walltime(o.pop("walltime", conf.get("walltime") or DEFAULT_WALLTIME_S))
+    left = session.walltime_left(now)
+    if left is not None:
+        usable = int(left) - WALLTIME_MARGIN_S
+        if usable < 60:
+            raise ClusterOptionError(
+                f"aifab.cluster(): the session has {int(left)} s left, too little for worker "
+                f"jobs (they end {WALLTIME_MARGIN_S} s before the session)")
+        wanted = min(wanted, usable)
+
+    interface = o.pop("interface", None) or conf.get("interface") \
+        or os.environ.get("AIFAB_DASK_INTERFACE") or None
+    if interface and interface not in _interfaces():
+        raise ClusterOptionError(f"aifab.cluster(): interface={interface!r} does not exist "
+                                 f"here; this node has: {', '.join(sorted(_interfaces()))}")
+
+    kernel = cluster_jobs.KernelRef.this_process()
+    directives.append(f"--comment={cluster_jobs.comment(cluster_jobs.session_key(), kernel)}")
+    if place["reservation"]:
+        directives.append(f"--reservation={place['reservation']}")
+    if gpus:
+        directives.append(f"--gres=gpu:{gpus}")
+
+    scheduler_options = dict(o.pop("scheduler_options", None) or {})
+    scheduler_options.setdefault("dashboard_address", "127.0.0.1:0")
+    settings = {
+        "cores": cores, "processes": processes, "memory": memory,
+        "walltime": format_minutes(wanted),
+        "queue": place["queue"] or None, "account": place["account"] or None,
+        "job_extra_directives": directives, "interface": interface,
+        "scheduler_options": scheduler_options,
+        "job_name": cluster_jobs.JOB_NAME,
+        "shared_temp_directory": o.pop("shared_temp_directory", None)
+        or conf.get("shared-temp-directory") or str(_tls_dir()),
+    }
+    # TLS between scheduler and workers with throw-away certificates: a dask scheduler runs
+    # whatever it is sent, so on a shared network nobody else may connect to it
+    if "security" not in o:
+        settings["security"] = True
+    settings.update(o)
+    return settings
+
+
+def _tls_dir() -> Path:
+    """Where the workers' TLS files go: under the user's home (shared with the compute nodes
+    on an HPC system), readable by the user only."""
+    from jupyter_core.paths import jupyter_data_dir
+
+    path = Path(jupyter_data_dir()) / "aifab" / "dask-tls"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+_watchdog = None  # this kernel's watchdog (kept referenced: its stdin must stay open)
+
+
+def _ensure_watchdog() -> None:
+    global _watchdog
+    if _watchdog is None or _watchdog.poll() is not None:
+        _watchdog = cluster_jobs.start_watchdog(cluster_jobs.session_key(),
+                                                cluster_jobs.KernelRef.this_process())
+
+
+class SessionSLURMJob(SLURMJob):
+    """sbatch/scancel with the kernel's environment less secrets and the Slurm variables of the
+    session's own job (a worker job inherits the environment sbatch runs with)."""
+
+    @staticmethod
+    async def _call(cmd, *, shell=False, **kwargs):
+        kwargs.setdefault("env", cluster_jobs.submit_env())
+        return await SLURMJob._call(cmd, shell=shell, **kwargs)
+
+
+class JobAdaptive(Adaptive):
+    """Adaptive scaling in whole jobs. With several worker processes per job, a target that is
+    not a multiple of them adds a job, retires part of it (that is, all of it), and adds it
+    again, forever (dask-jobqueue #498). Bounds and target here are whole jobs."""
+
+    def __init__(self, cluster, *, processes: int = 1, **kw):
+        self.processes = processes
+        super().__init__(cluster, **kw)
+
+    async def safe_target(self) -> int:
+        # minimum and maximum are multiples of `processes` (see SessionSLURMCluster.adapt)
+        n = await super().safe_target()
+        return math.ceil(n / self.processes) * self.processes
+
+
+class _SessionWidget:
+    def _widget(self):
+        from aifab.magics.cluster_widget import ClusterWidget
+
+        if getattr(self, "_aifab_widget", None) is None:
+            self._aifab_widget = ClusterWidget(self)
+        return self._aifab_widget
+
+
+class SessionSLURMCluster(_SessionWidget, SLURMCluster):
+    job_cls = SessionSLURMJob
+
+    @classmethod
+    def for_session(cls, session: Session, *, workers: int = 0, **overrides):
+        settings = slurm_settings(session, overrides)
+        _ensure_watchdog()
+        self = cls(**settings)
+        self.session_key = cluster_jobs.session_key()
+        if workers:
+            self.scale(workers)
+        return self
+
+    @property
+    def processes_per_job(self) -> int:
+        return self._dummy_job.worker_processes
+
+    def adapt(self, minimum: int = 0, maximum: int = 0, **kwargs):
+        """Adapt between ``minimum`` and ``maximum`` workers in whole jobs: the bounds are
+        rounded to multiples of the processes per job (minimum up, maximum down)."""
+        p = self.processes_per_job
+        min_jobs = math.ceil(minimum / p)
+        max_jobs = max(min_jobs, maximum // p)
+        kwargs.pop("Adaptive", None)
+        if p > 1:  # retire whole jobs, never part of one
+            kwargs.setdefault("worker_key", job_of_worker)
+        return SpecCluster.adapt(self, Adaptive=functools.partial(JobAdaptive, processes=p),
+                                 minimum=min_jobs * p, maximum=max_jobs * p, **kwargs)
+
+    def job_states(self) -> dict[str, tuple[str, str]]:
+        """Slurm's state and reason for each queued job of this cluster."""
+        ids = {str(job.job_id) for job in self.workers.values()
+               if getattr(job, "job_id", None)}
+        return {j.job_id: (j.state, j.reason)
+                for j in cluster_jobs.list_jobs(self.session_key) if j.job_id in ids}
+
+    @property
+    def requested_workers(self) -> int:
+        return len(self.worker_spec) * self.processes_per_job
+
+
+class SessionLocalCluster(_SessionWidget, LocalCluster):
+    processes_per_job = 1
+
+    def job_states(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    @property
+    def requested_workers(self) -> int:
+        return len(self.worker_spec)
+
+
+# ----------------------------------------------------------------------------- local
+def _local_keywords() -> set[str]:
+    names = {p.name for p in inspect.signature(LocalCluster.__init__).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
+    return names - {"self", "n_workers", "loop", "asynchronous", "name", "scheduler_kwargs",
+                    "host", "ip", "dashboard_address"}
+
+
+def _local_cluster(workers: int, overrides: dict):
+    for key in _NOT_WITH_LOCAL:
+        if key in overrides:
+            raise ClusterOptionError(
+                f"aifab.cluster(): {key!r} applies to Slurm sessions; this session runs on "
+                "this machine (a LocalCluster)")
+    _refuse_unknown(overrides, _local_keywords(), "a local session (LocalCluster)")
+    o = dict(overrides)
+    o.setdefault("threads_per_worker", 1)
+    return SessionLocalCluster(n_workers=workers, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", **o)
+
+
+# ----------------------------------------------------------------------------- helpers
+def dashboard_url(cluster) -> str:
+    """The dashboard as a browser reaches it: through the Jupyter server's proxy."""
+    port = cluster.scheduler_info.get("services", {}).get("dashboard")
+    if not port:
+        return ""
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+    if not prefix:
+        try:
+            from urllib.parse import urlsplit
+
+            from .client import find_server
+
+            prefix = urlsplit(find_server().url).path
+        except Exception:  # no Jupyter server (plain IPython): the dashboard itself
+            return f"http://127.0.0.1:{port}/status"
+    return f"{prefix.rstrip('/')}/proxy/{port}/status"
+
+
+def resources_in_use(cluster) -> tuple[int, int]:
+    """(threads, memory bytes) of the connected workers."""
+    workers = cluster.scheduler_info.get("workers", {}).values()
+    return (sum(w.get("nthreads", 0) for w in workers),
+            sum(w.get("memory_limit", 0) or 0 for w in workers))
+
+
+def wait_for_workers(cluster, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(cluster.scheduler_info.get("workers", {})) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} workers did not connect within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
