@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 def load_ipython_extension(ipython) -> None:
+    from .dask_magic import DaskMagics
     from .finetune_magic import FineTuneMagics
     from .serve_magic import ServeMagics
     from .session_magics import SessionMagics
@@ -15,6 +16,7 @@ def load_ipython_extension(ipython) -> None:
     ipython.register_magics(SessionMagics)
     ipython.register_magics(ServeMagics)
     ipython.register_magics(FineTuneMagics)
+    ipython.register_magics(DaskMagics)
 
 
 def unload_ipython_extension(ipython) -> None:  # IPython has no unregister; nothing to undo

@@ -279,3 +279,38 @@ def test_session_start_sweeps_dead_kernels_jobs_and_session_end_cancels_the_rest
         assert "cancelled dask worker jobs" in server.log_path.read_text()
     finally:
         live.kill()
+
+
+# ------------------------------------------------------------------ dashboard and %dask
+def test_dask_magic_and_the_dashboard_through_the_jupyter_proxy(monkeypatch, tmp_path,
+                                                                ipython_on):
+    import requests
+
+    monkeypatch.setenv("AIFAB_BACKEND", "local")
+    server = JupyterServer(tmp_path / "server")
+    server.start()
+    try:
+        shell = ipython_on(server)
+        with pytest.raises(Exception, match="unknown option 'wokers'.*did you mean 'workers'"):
+            shell.run_line_magic("dask", "wokers=1")
+        with pytest.raises(Exception, match="'oops' is not KEYWORD=VALUE"):
+            shell.run_line_magic("dask", "oops")
+        cluster = shell.run_line_magic("dask", "workers=1 threads_per_worker=1")
+        try:
+            assert shell.user_ns["cluster"] is cluster
+            assert shell.run_line_magic("dask", "") is cluster
+            widget = cluster._widget()
+            wait(lambda: widget.running == 1, 60, "1 local worker")
+            port = cluster.scheduler_info["services"]["dashboard"]
+            link = f"/proxy/{port}/status"
+            assert link in widget.dashboard.value
+            page = server.get(link.lstrip("/"))
+            assert page.status_code == 200 and "Dask" in page.text
+            anonymous = requests.get(server.url + link.lstrip("/"), allow_redirects=False,
+                                     timeout=10)
+            assert anonymous.status_code in (302, 403) and "Dask" not in anonymous.text
+        finally:
+            shell.run_line_magic("dask", "close")
+        assert cluster.status.name == "closed"
+    finally:
+        server.stop()

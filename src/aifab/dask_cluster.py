@@ -90,7 +90,7 @@ def _slurm_keywords() -> set[str]:
                   if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
     names -= {"self", "scheduler", "n_workers", "job_cls", "env_extra", "job_extra", "extra",
               "project"} | set(_RESERVED)
-    return names | {"reservation", "gpus_per_worker"}
+    return names | {"reservation", "gpus_per_worker", "workers"}
 
 
 def _refuse_unknown(given, allowed: set[str], what: str) -> None:
@@ -332,7 +332,7 @@ def _local_keywords() -> set[str]:
     names = {p.name for p in inspect.signature(LocalCluster.__init__).parameters.values()
              if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
     return names - {"self", "n_workers", "loop", "asynchronous", "name", "scheduler_kwargs",
-                    "host", "ip", "dashboard_address"}
+                    "host", "ip", "dashboard_address"} | {"workers"}
 
 
 def _local_cluster(workers: int, overrides: dict):

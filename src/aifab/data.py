@@ -10,7 +10,7 @@ Steps, each deterministic, so the output is the same byte for byte with any numb
 1. **split**: the sources (JSONL files, parquet files; sorted) are cut into chunks of
    ``chunk_records`` lines (JSONL) or into row groups (parquet). Chunks depend on the data only.
 2. **tokenize** (one task per chunk): each record is checked; a bad one is counted and reported
-   with its file and line (``result.bad``, ``OUT/bad-records.jsonl``), never dropped silently.
+   with its file and line (``result.bad``, ``OUT/_bad-records.jsonl``), never dropped silently.
    Chat records (``messages``) are rendered with the model's chat template, ``text`` records
    taken as they are; each document ends with the tokenizer's EOS token.
 3. **pack** (one task per output shard): the documents, in source order, are concatenated and
@@ -34,7 +34,7 @@ from pathlib import Path
 from aifab.extension.train_data import DataError, _check_record
 
 SUMMARY_FILE = "_prepare.json"
-BAD_FILE = "bad-records.jsonl"
+BAD_FILE = "_bad-records.jsonl"  # "_": parquet readers of the folder skip it
 BAD_SHOWN = 5
 
 
