@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aifab.models import cached_models
+from aifab.models import resolve as resolve_model
 from aifab.session import Session
 
 from . import vllm
@@ -219,7 +221,7 @@ class ServiceManager:
         model = spec.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ServiceError(400, "model: give a model directory or a Hugging Face id")
-        model = os.path.expanduser(model)
+        model = resolve_model(model)  # a name in the site's shared model cache, if any
         if model.startswith(("/", ".", "~")) or os.path.exists(model):
             if not os.path.isfile(os.path.join(model, "config.json")):
                 raise ServiceError(400, f"model {model!r}: no such model directory (it needs "
@@ -227,8 +229,10 @@ class ServiceManager:
                                         "with `aifab tiny-model DIR`")
             model = os.path.abspath(model)
         elif not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model):
+            cached = ", ".join(cached_models())
             raise ServiceError(400, f"model {model!r}: not a directory and not a Hugging Face "
-                                    "id like org/name")
+                                    "id like org/name"
+                               + (f"; the shared model cache has: {cached}" if cached else ""))
         served = spec.get("served_name") or spec["name"]
         if not vllm.SERVED_NAME.fullmatch(str(served)):
             raise ServiceError(400, f"served_name {served!r}: letters, digits, . _ / -")
@@ -415,7 +419,10 @@ class ServiceManager:
             _kill_leftovers(svc)
             self._procs.pop(svc.name, None)
             self._save(svc)
-            self.log.warning("aifab: service %r failed: %s", svc.name, svc.error)
+            if svc.status == "finished":
+                self.log.info("aifab: service %r finished", svc.name)
+            else:
+                self.log.warning("aifab: service %r %s: %s", svc.name, svc.status, svc.error)
             return
         if svc.status == "starting":
             if svc.kind == "vllm":

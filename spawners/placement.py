@@ -183,7 +183,8 @@ class PlacementSpawner(Spawner):
             contract["AIFAB_WALLTIME_END"] = str(int(end))
             contract["AIFAB_POD_NAME"] = child.pod_name
             configure_kube_child(child, placement, profile)
-        child.environment = {**child.environment, **contract}
+        extra = profile.session_environment() if profile is not None else {}
+        child.environment = {**child.environment, **extra, **contract}
 
     # ------------------------------------------------------------ hub → child
     @observe("port")

@@ -24,10 +24,16 @@ K8S_RESOURCE = re.compile(r"(?:[a-z0-9.-]+/)?[A-Za-z0-9_.-]{1,63}")
 IMAGE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WALLTIME = re.compile(r"(?:(\d{1,2})-)?(\d{1,3}):([0-5]\d)(?::([0-5]\d))?")
 
+CACHE_PATH = re.compile(r"/[A-Za-z0-9_./-]{0,1000}")
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+# set by the spawner (the session contract, the model cache): not a profile's to change
+RESERVED_ENV = {"AIFAB_BACKEND", "AIFAB_PROFILE", "AIFAB_GPUS", "AIFAB_WALLTIME_END",
+                "AIFAB_SLURM_JOB_ID", "AIFAB_POD_NAME", "AIFAB_MODEL_CACHE", "HF_HUB_CACHE",
+                "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES"}
 CHOICE_KEYS = ("gpus", "cpus", "memory_gb", "walltime", "image")
 PROFILE_KEYS = {
     "slug", "display_name", "description", "backend", "default", "allowed_users",
-    "allowed_groups", "choices", "slurm", "kubernetes", "local",
+    "allowed_groups", "choices", "slurm", "kubernetes", "local", "model_cache", "environment",
 }
 SLURM_KEYS = {
     "partition", "account", "qos", "reservation", "constraint", "gres_type", "prologue",
@@ -99,6 +105,18 @@ class Profile:
     choices: Choices = Choices()
     slurm: SlurmSettings = SlurmSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    # a shared, read-only folder of models (a workshop's: nobody downloads weights)
+    model_cache: str = ""
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+    def session_environment(self) -> dict[str, str]:
+        """What the profile adds to the session's environment."""
+        env = dict(self.environment)
+        if self.model_cache:
+            env.update({"AIFAB_MODEL_CACHE": self.model_cache,
+                        # Hugging Face names (org/model) resolve from the cache, offline
+                        "HF_HUB_CACHE": self.model_cache, "HF_HUB_OFFLINE": "1"})
+        return env
 
     def visible_to(self, username: str, groups: Sequence[str], admin: bool) -> bool:
         if admin or not (self.allowed_users or self.allowed_groups):
@@ -188,6 +206,19 @@ def _profile(index: int, raw: Mapping) -> Profile:
     for other in ("slurm", "kubernetes"):
         if other != backend and raw.get(other):
             raise err(other, f"set, but the profile's backend is {backend!r}")
+    model_cache = raw.get("model_cache", "")
+    if model_cache and (not isinstance(model_cache, str) or not CACHE_PATH.fullmatch(model_cache)):
+        raise err("model_cache", "an absolute path (letters, digits, / . _ -)")
+    environment = raw.get("environment") or {}
+    if not isinstance(environment, Mapping):
+        raise err("environment", "expected {NAME: value}")
+    for key, value in environment.items():
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key) \
+                or key.startswith(("AIFAB_SLURM", "JUPYTERHUB_")) or key in RESERVED_ENV:
+            raise err(f"environment.{key}", "a variable name in capitals, not one the session "
+                      "contract or JupyterHub sets")
+        if not isinstance(value, (str, int, float)) or any(c in str(value) for c in "\n\r\0"):
+            raise err(f"environment.{key}", "one line of text")
     return Profile(
         slug=slug,
         display_name=display,
@@ -199,6 +230,8 @@ def _profile(index: int, raw: Mapping) -> Profile:
         choices=choices,
         slurm=slurm,
         kubernetes=k8s,
+        model_cache=model_cache,
+        environment={k: str(v) for k, v in environment.items()},
     )
 
 

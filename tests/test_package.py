@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -87,7 +88,7 @@ def test_kernel_spec_is_installed_and_loads_the_magics():
     specs = json.loads(out.stdout)["kernelspecs"]
     spec = specs["aifab"]["spec"]
     assert spec["display_name"] == "Python 3 (aifab)"
-    assert spec["argv"][0] == sys.executable
+    assert os.path.samefile(spec["argv"][0], sys.executable)  # python or python3 of the venv
     assert "--ext=aifab.magics" in spec["argv"]
 
 

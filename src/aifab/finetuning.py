@@ -47,14 +47,18 @@ def check_options(o: FineTuneOptions) -> FineTuneOptions:
     """Everything that can be checked before a process starts. Raises FineTuneError."""
     from aifab.extension.train_data import DataError, inspect_data
 
-    model = os.path.expanduser(o.model)
+    from .models import cached_models, resolve
+
+    model = resolve(o.model)  # a name in the site's shared model cache, if there is one
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise FineTuneError(f"model {o.model!r}: the directory has no config.json")
         o.model = os.path.abspath(model)
     elif model.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        cached = ", ".join(cached_models())
         raise FineTuneError(f"model {o.model!r}: no such model directory (and not a Hugging "
-                            "Face id like org/name)")
+                            "Face id like org/name)"
+                            + (f"; the shared model cache has: {cached}" if cached else ""))
     try:
         inspect_data(o.data)
     except DataError as exc:

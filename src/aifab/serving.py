@@ -3,6 +3,7 @@ session (it outlives the kernel), reached through Jupyter's authenticated proxy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 from .client import ServiceHandle, SessionClient
@@ -53,16 +54,26 @@ def serve(
     """Start vLLM on ``gpus`` of this session's GPUs (None: CPU if the session has none,
     else 1) and return a handle. Refused before launch: a missing model directory, an unknown
     vLLM flag, a name in use, GPUs held by another service."""
+    from .models import resolve
+
+    model = resolve(model)  # a name in the site's shared model cache, if there is one
     client = SessionClient()
     if gpus is None:
         gpus = 1 if client.session()["visible_gpus"] else 0
     spec = {"kind": "vllm", "name": name or default_name(model), "model": model,
             "gpus": gpus, "tensor_parallel": tensor_parallel,
             "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
-            "loras": dict(loras or {}), "extra_args": list(extra_args)}
+            "loras": {k: _local_path(v) for k, v in (loras or {}).items()},
+            "extra_args": list(extra_args)}
     svc = client.create(spec)
     served = Served(svc["name"], client)
     return served.wait_ready(timeout) if wait else served
+
+
+def _local_path(path: str) -> str:
+    """A path relative to the kernel's folder means that folder, not the server's."""
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else path
 
 
 def default_name(model: str) -> str:

@@ -1,0 +1,42 @@
+"""Models by name from the site's shared, read-only model cache.
+
+A profile's ``model_cache`` (a workshop's, say) gives the session ``AIFAB_MODEL_CACHE``: a
+folder with one model per sub-folder (``/store/models/llama-3.1-8b-instruct``). Then
+``%serve llama-3.1-8b-instruct`` and ``%finetune llama-3.1-8b-instruct data.jsonl`` find the
+model there, and 50 participants read one copy instead of each downloading their own. The same
+folder is also the Hugging Face cache (``HF_HUB_CACHE``, offline), for ``org/name`` spellings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_CACHE = "AIFAB_MODEL_CACHE"
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get(ENV_CACHE, "").strip()
+    return Path(value) if value else None
+
+
+def resolve(model: str) -> str:
+    """A model directory as given, else NAME in the shared cache, else ``model`` unchanged
+    (a Hugging Face name, for the caller to check)."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        return str(path.resolve())
+    cache = cache_dir()
+    if cache is not None and "/" not in model and model not in (".", ".."):
+        candidate = cache / model
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return model
+
+
+def cached_models() -> list[str]:
+    """The models in the shared cache (sub-folders with a config.json)."""
+    cache = cache_dir()
+    if cache is None or not cache.is_dir():
+        return []
+    return sorted(p.name for p in cache.iterdir() if (p / "config.json").is_file())
