@@ -14,7 +14,7 @@ STAMP := $(VENV)/.deps-stamp
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint install system-deps clean
+.PHONY: help demo test lint install system-deps browser-deps clean
 
 help:
 	@echo "make demo   - install into .venv and start the demo hub on http://127.0.0.1:8000"
@@ -45,14 +45,18 @@ install: system-deps $(STAMP) $(BIN)/configurable-http-proxy
 	$(BIN)/aifab kernels install --sys-prefix >/dev/null
 
 demo: install
-	@test -e $(DEMO_STATE)/tiny-model || $(BIN)/aifab tiny-model $(DEMO_STATE)/tiny-model
+	@test -e $(DEMO_STATE)/models/tiny-llama || $(BIN)/aifab tiny-model $(DEMO_STATE)/models/tiny-llama
 	$(BIN)/jupyterhub -f demo/jupyterhub_config.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: install lint
+test: install browser-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Debian's chromium for the browser test (Playwright drives it; it downloads no browser)
+browser-deps:
+	@scripts/install-system-deps.sh --browser
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .cache

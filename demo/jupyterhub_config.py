@@ -7,6 +7,7 @@ the users' directories; AIFAB_DEMO_PORT (default 8000).
 
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,6 +44,11 @@ c.Authenticator.allow_all = True
 # can reach (set AIFAB_DEMO_SLURM=0 to leave them out).
 profiles = yaml.safe_load((HERE.parent / "docs/examples/demo-profiles.yaml").read_text())
 profiles = profiles["profiles"]
+# the models `make demo` built, shared by every session of this machine, like a workshop's
+# read-only model cache: `%serve tiny-llama` finds it by name
+for profile in profiles:
+    if profile["backend"] == "local":
+        profile["model_cache"] = str(STATE / "models")
 if os.environ.get("AIFAB_DEMO_SLURM", "1") != "0":
     profiles += discover_slurm_profiles()
 use_placement_spawner(c, profiles=profiles)
@@ -50,10 +56,29 @@ BIN = Path(sys.prefix) / "bin"
 c.SlurmSessionSpawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.SlurmSessionSpawner.batchspawner_singleuser_cmd = str(BIN / "aifab-singleuser")
 c.SlurmSessionSpawner.ip = "127.0.0.1"  # the demo's Slurm is this machine
-c.Spawner.default_url = "/lab"
-# where `make demo` built the offline tiny model, for the README's first session
-c.Spawner.environment = {"AIFAB_TINY_MODEL": str(STATE / "tiny-model")}
+# newcomers land in the tutorials (docs/notebooks, copied into each user's folder)
+c.Spawner.default_url = "/lab/tree/tutorials/01-my-session.ipynb"
+c.Spawner.environment = {
+    # where `make demo` built the offline tiny model, for the README and the tutorials
+    "AIFAB_TINY_MODEL": str(STATE / "models" / "tiny-llama"),
+    # the demo's Slurm is this machine: dask workers reach the scheduler on loopback
+    "AIFAB_DASK_INTERFACE": "lo",
+}
 c.LocalSessionSpawner.home_dir_template = str(STATE / "users" / "{username}")
+TUTORIALS = HERE.parent / "docs" / "notebooks"
+
+
+def copy_tutorials(spawner):
+    """Give a new user the tutorials (a user's own edits are never overwritten)."""
+    home = Path(c.LocalSessionSpawner.home_dir_template.format(username=spawner.user.name))
+    target = home / "tutorials"
+    target.mkdir(parents=True, exist_ok=True)
+    for notebook in sorted(TUTORIALS.glob("*.ipynb")):
+        if not (target / notebook.name).exists():
+            shutil.copy(notebook, target / notebook.name)
+
+
+c.Spawner.pre_spawn_hook = copy_tutorials
 
 partitions = ", ".join(p["slurm"]["partition"] for p in profiles if p["backend"] == "slurm")
 slurm_note = (f"  Slurm partitions offered: {partitions} (log in with a Unix user name to use "

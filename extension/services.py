@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ class Service:
     proc_start: str = ""  # /proc/PID/stat start time: tells our process from a reused pid
     model: str = ""
     served_name: str = ""
-    socket: str = ""  # vLLM: its Unix socket (in the service's 0700 directory)
+    socket: str = ""  # vLLM: its Unix socket (in a private 0700 runtime directory)
     output: str = ""  # a fine-tune run's output directory (its metrics stream is there)
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
@@ -189,8 +190,13 @@ class ServiceManager:
         api_key = secrets.token_urlsafe(24)
         output, port, sock = "", 0, ""
         if kind == "vllm":
-            sock = str(svc_dir / "vllm.sock")
-            argv, env, model, served = self._vllm_launch(spec, gpus, sock, api_key, svc_dir)
+            sock = os.path.join(_runtime_dir(), "vllm.sock")
+            try:
+                argv, env, model, served = self._vllm_launch(spec, gpus, sock, api_key,
+                                                             svc_dir)
+            except ServiceError:
+                _remove_runtime_dir(sock)
+                raise
         else:
             port = free_port() if kind == "command" else 0  # a run listens on nothing
             argv, env, model, served = self._command_launch(spec, gpus, port, api_key)
@@ -208,6 +214,7 @@ class ServiceManager:
                                         start_new_session=True)
         except OSError as exc:
             shutil.rmtree(svc_dir, ignore_errors=True)
+            _remove_runtime_dir(sock)
             raise ServiceError(400, f"cannot start {argv[0]!r}: {exc.strerror}") from None
         svc.pid, svc.proc_start = proc.pid, _proc_start(proc.pid)
         self._procs[name] = proc
@@ -285,7 +292,8 @@ class ServiceManager:
                               max_model_len=mml, gpu_memory_utilization=gmu,
                               loras={k: os.path.abspath(os.path.expanduser(v))
                                      for k, v in loras.items()}, extra=extra)
-        env = vllm.vllm_env(os.environ, gpus, str(svc_dir), cpu, api_key=api_key)
+        env = vllm.vllm_env(os.environ, gpus, str(svc_dir), cpu, api_key=api_key,
+                            tmp_dir=os.path.join(os.path.dirname(sock), "tmp"))
         return argv, env, model, str(served)
 
     def _command_launch(self, spec, gpus, port, api_key):
@@ -362,6 +370,7 @@ class ServiceManager:
             if not groups & _live_groups(_process_table()):
                 break
         self._reap(svc.name)
+        _remove_runtime_dir(svc.socket)
 
     def _reap(self, name: str) -> None:
         proc = self._procs.get(name)
@@ -511,6 +520,27 @@ class ServiceManager:
         await self.stop_all()
 
 
+# vLLM binds a Unix socket (its API) and ZeroMQ ipc sockets (in $TMPDIR), and socket paths hold
+# at most 107 bytes: under a home directory's state folder they do not fit. So a vLLM service
+# gets a short private runtime directory (mkdtemp: mode 0700, a random name nobody can take
+# first) under $XDG_RUNTIME_DIR or /tmp, for its socket and its temporary files.
+_RUNTIME_PREFIX = "aifab-run-"
+
+
+def _runtime_dir() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = runtime if runtime and os.path.isdir(runtime) and len(runtime) < 40 else "/tmp"
+    path = tempfile.mkdtemp(prefix=_RUNTIME_PREFIX, dir=base)
+    os.mkdir(os.path.join(path, "tmp"), mode=0o700)
+    return path
+
+
+def _remove_runtime_dir(sock: str) -> None:
+    parent = os.path.dirname(sock)
+    if sock and os.path.basename(parent).startswith(_RUNTIME_PREFIX):
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 def run_outcome(svc: Service) -> tuple[str, str] | None:
     """A fine-tune run's outcome from what it wrote (exit codes do not survive torchrun or
     a restart of the Jupyter server): (status, error), or None if it says nothing."""
@@ -562,6 +592,7 @@ def _descendant_groups(pid: int, table=None) -> set[int]:
 def _kill_leftovers(svc: Service) -> None:
     """SIGKILL what is left of a service's process group (an engine process whose leader
     died), unless its pid now belongs to another process (then the group is not ours)."""
+    _remove_runtime_dir(svc.socket)
     now = _proc_start(svc.pid) if svc.pid else ""
     if not svc.pid or (now and now != svc.proc_start):
         return

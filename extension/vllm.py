@@ -81,7 +81,7 @@ def vllm_argv(
 
 
 def vllm_env(base: Mapping[str, str], gpus: Sequence[str], private_dir: str,
-             cpu: bool, api_key: str = "") -> dict[str, str]:
+             cpu: bool, api_key: str = "", tmp_dir: str = "") -> dict[str, str]:
     env = dict(base)
     if api_key:
         env["VLLM_API_KEY"] = api_key
@@ -89,7 +89,8 @@ def vllm_env(base: Mapping[str, str], gpus: Sequence[str], private_dir: str,
         "CUDA_VISIBLE_DEVICES": ",".join(gpus),
         # vLLM writes caches and temp files; keep them in the service's own directory
         "VLLM_CACHE_ROOT": os.path.join(private_dir, "cache"),
-        "TMPDIR": os.path.join(private_dir, "tmp"),
+        # (ZeroMQ ipc sockets go here: a short path, see services._runtime_dir)
+        "TMPDIR": tmp_dir or os.path.join(private_dir, "tmp"),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",

@@ -57,8 +57,10 @@ class PlacementSpawner(Spawner):
         help="""Profiles users choose from. Each is a dict with slug, display_name,
         description, backend (local | slurm | kubernetes), default, allowed_users,
         allowed_groups, choices (gpus/cpus/memory_gb as {default, min, max}; walltime as
-        {default, max} in HH:MM:SS; image as {default, allowed: {key: reference}}) and the
-        backend's settings under `slurm:` or `kubernetes:`. See docs/admin-guide.md.""",
+        {default, max} in HH:MM:SS; image as {default, allowed: {key: reference}}), the
+        backend's settings under `slurm:` or `kubernetes:`, and optionally model_cache (a
+        shared read-only folder of models) and environment ({NAME: value} for the session).
+        See docs/admin-guide.md.""",
     ).tag(config=True)
 
     profiles_file = Unicode(

@@ -67,4 +67,24 @@ def test_doctor_text_output_has_one_line_per_check():
                          timeout=60, cwd="/")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
     assert [ln.split()[1] for ln in lines] == ["session", "slurm", "gpus", "torch", "vllm",
-                                               "fine-tuning"]
+                                               "fine-tuning", "models"]
+
+
+def test_doctor_lists_the_shared_model_cache_as_a_participant_sees_it(work_root, test_user):
+    """A workshop's cache: models by name, read-only for the participant."""
+    import json
+
+    cache = work_root / "models"
+    (cache / "tiny-llama").mkdir(parents=True)
+    (cache / "tiny-llama" / "config.json").write_text("{}")
+    (cache / "not-a-model").mkdir()
+    for d in (cache, cache / "tiny-llama"):
+        d.chmod(0o755)
+    out = subprocess.run(["sudo", "-u", test_user.pw_name, "env", f"AIFAB_MODEL_CACHE={cache}",
+                          AIFAB, "doctor", "--json"], capture_output=True, text=True,
+                         timeout=60, cwd="/")
+    models = next(c for c in json.loads(out.stdout) if c["name"] == "models")
+    assert models["status"] == "ok"
+    assert models["detail"] == f"shared model cache {cache} (read-only): tiny-llama"
+    missing = doctor(base_env(AIFAB_MODEL_CACHE=str(work_root / "nowhere")))["models"]
+    assert missing["status"] == "warn" and "not reachable" in missing["detail"]

@@ -44,6 +44,10 @@ BASE = {"slug": "gpu", "backend": "slurm", "choices": {"gpus": {"default": 1, "m
     ({"kubernetes": {"namespace": "x"}}, "field 'kubernetes': set, but the profile's backend"),
     ({"choices": {"image": {"default": "a", "allowed": {"b": "img:1"}}}},
      "field 'choices.image.default'"),
+    ({"model_cache": "models/shared"}, "field 'model_cache': an absolute path"),
+    ({"environment": {"AIFAB_BACKEND": "local"}}, "field 'environment.AIFAB_BACKEND'"),
+    ({"environment": {"lower": "x"}}, "field 'environment.lower'"),
+    ({"environment": {"X": "a\nb"}}, "field 'environment.X': one line of text"),
 ])
 def test_an_admin_mistake_names_the_profile_and_field(change, message):
     with pytest.raises(ProfileConfigError, match="profile 'gpu'" if "slug" not in change
@@ -173,6 +177,17 @@ def test_batch_script_is_rendered_from_the_placement_only():
     assert "#SBATCH --signal=B:USR1@300" in lines
     assert sum(line.startswith("#SBATCH") for line in lines) == 12
     assert "ulimit -c 0" in lines
+    # where the session runs, for the jobs it submits itself (dask workers)
+    assert "export AIFAB_SLURM_PARTITION=gh200" in lines
+    assert "export AIFAB_SLURM_ACCOUNT=a-aifab" in lines
+
+
+def test_a_workshop_profile_gives_its_sessions_the_shared_model_cache():
+    workshop = load_profiles([{**BASE, "model_cache": "/store/models",
+                               "environment": {"AIFAB_DASK_INTERFACE": "hsn0"}}])[0]
+    assert workshop.session_environment() == {
+        "AIFAB_MODEL_CACHE": "/store/models", "HF_HUB_CACHE": "/store/models",
+        "HF_HUB_OFFLINE": "1", "AIFAB_DASK_INTERFACE": "hsn0"}
 
 
 def test_batch_script_refuses_an_env_name_that_is_not_one():

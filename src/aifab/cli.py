@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="what this session sees: placement, Slurm, GPUs, packages")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_doctor)
+
+    r = sub.add_parser("config-reference",
+                       help="print the configuration reference (docs/config-reference.md)")
+    r.set_defaults(func=lambda _args: __import__("aifab.config_reference",
+                                                  fromlist=["main"]).main())
     return p
 
 

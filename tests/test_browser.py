@@ -1,0 +1,106 @@
+"""The newcomer's path in a real browser: Playwright drives Debian's chromium (headless) through
+`make demo`'s hub: log in with the class password, choose a profile in the options form,
+start, land in JupyterLab, open tutorial 4, run its cells, see the %serve widget reach "ready"
+and the model's answer in the page. Screenshots of the form, the widget and the answer go to
+test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "demo" / "jupyterhub_config.py"
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO / "test-artifacts" / "browser"
+USER = "newcomer"
+
+pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.vllm]
+
+
+@pytest.fixture
+def demo_hub(hub_factory, slurm, tiny_model, tmp_path):
+    """The demo hub as `make demo` runs it: its models folder holds the tiny model."""
+    state = tmp_path / "demo-state"
+    (state / "models").mkdir(parents=True)
+    (state / "models" / "tiny-llama").symlink_to(tiny_model)
+    hub = hub_factory(config_file=DEMO_CONFIG, env={"AIFAB_DEMO_STATE": str(state)})
+    hub.start()
+    hub.password = (state / "password").read_text().strip()
+    yield hub
+    hub.api("DELETE", f"/users/{USER}/server")
+
+
+@pytest.fixture
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
+                    "(scripts/install-system-deps.sh --browser)")
+    from playwright.sync_api import sync_playwright
+
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    SHOTS.mkdir(parents=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        yield page
+        context.close()
+        browser.close()
+
+
+def test_newcomer_logs_in_starts_and_chats_with_the_served_model(demo_hub, page):
+    try:
+        _walk_the_newcomer_path(demo_hub, page)
+    except Exception:
+        page.screenshot(path=SHOTS / "failure.png", full_page=True)  # what the person saw
+        raise
+
+
+def _walk_the_newcomer_path(demo_hub, page) -> None:
+    hub = demo_hub.url.rstrip("/")
+    page.goto(f"{hub}/hub/login")
+    page.fill("input[name=username]", USER)
+    page.fill("input[name=password]", demo_hub.password)
+    page.click("input[type=submit], button[type=submit]")
+
+    # the options form: the local profile and the Slurm partitions the demo found
+    page.wait_for_selector("input[name=profile][value=local-cpu]")
+    assert page.locator("input[name=profile]").count() > 1
+    page.check("input[name=profile][value=local-cpu]")
+    page.screenshot(path=SHOTS / "1-options-form.png", full_page=True)
+    page.click("#spawn_form input[type=submit], #spawn_form button[type=submit]")
+
+    # JupyterLab, in the tutorials
+    page.wait_for_url(f"**/user/{USER}/lab**", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook", timeout=120_000)
+    page.goto(f"{hub}/user/{USER}/lab/tree/tutorials/04-serve-and-chat.ipynb")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    page.get_by_text("Python 3 (aifab) | Idle").wait_for(timeout=120_000)  # the status bar
+    news = page.get_by_role("button", name="No", exact=True)  # JupyterLab asks about news
+    if news.count():
+        news.first.click()
+    page.click(".jp-Notebook .jp-Cell >> nth=0")
+    page.get_by_role("menuitem", name="Run", exact=True).click()  # JupyterLab's menu bar
+    page.click("li[data-command=\"runmenu:run-all\"]")
+
+    # the %serve widget: start-up phases, then ready (training the adapter comes first);
+    # an error in any cell ends the wait at once, with its text
+    ready = page.locator("text=/ready after \\d+s/")
+    error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    ready.or_(error).first.wait_for(timeout=400_000)
+    assert error.count() == 0, error.first.inner_text()[-3000:]
+    ready.scroll_into_view_if_needed()
+    assert page.locator("text=vLLM: chat").count() == 1
+    page.screenshot(path=SHOTS / "2-serve-widget-ready.png")
+
+    answer = page.locator("text=answer: pong")
+    answer.wait_for(timeout=60_000)
+    answer.scroll_into_view_if_needed()
+    page.screenshot(path=SHOTS / "3-chat-answer.png")
+    page.locator('text=/"content":"pong"/').wait_for(timeout=120_000)  # and through curl
+    assert error.count() == 0, error.first.inner_text()[-3000:]
