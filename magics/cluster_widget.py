@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 from collections import Counter
 
 import ipywidgets as w
@@ -47,6 +48,8 @@ class ClusterWidget(w.VBox):
         # what the display shows, also readable from Python (and by the tests)
         self.requested = self.pending = self.running = 0
         self.pending_reasons: dict[str, int] = {}
+        self._states: dict[str, tuple[str, str]] = {}
+        self._last_squeue = 0.0
         self._poll = poll
         self._stop = threading.Event()
         self.refresh()
@@ -57,12 +60,15 @@ class ClusterWidget(w.VBox):
     # ------------------------------------------------------------------ controls
     def scale(self, n: int) -> None:
         """Ask for ``n`` workers (whole jobs: rounded up to the processes per job)."""
+        adaptive = getattr(self.cluster, "_adaptive", None)
+        if adaptive is not None:  # a fixed size replaces adaptive scaling (as in dask's widget)
+            adaptive.stop()
         self.cluster.scale(n)
         p = self.cluster.processes_per_job
         rounded = -(-n // p) * p
         note = f" ({rounded} workers: {p} per job)" if rounded != n else ""
         self.message.value = f"scaling to {n} workers{note}"
-        self.refresh()
+        self.refresh(force=True)
 
     def adapt(self, minimum: int, maximum: int) -> None:
         if maximum < minimum:
@@ -76,11 +82,17 @@ class ClusterWidget(w.VBox):
         self.refresh()
 
     # ------------------------------------------------------------------ display
-    def refresh(self) -> None:
+    def refresh(self, force: bool = False) -> None:
         cluster = self.cluster
         p = cluster.processes_per_job
         running = len(cluster.scheduler_info.get("workers", {}))
-        states = cluster.job_states()
+        # Slurm is asked only while something waits (or every 30 s): with a class of 50,
+        # a squeue per second per notebook would load the controller for nothing
+        now = time.monotonic()
+        waiting = cluster.requested_workers > running or self.pending
+        if force or waiting or now - self._last_squeue > 30:
+            self._states, self._last_squeue = cluster.job_states(), now
+        states = self._states
         pending_jobs = [reason for state, reason in states.values() if state == "PENDING"]
         self.requested = cluster.requested_workers
         self.running = running

@@ -43,15 +43,18 @@ class DaskMagics(Magics):
         """%dask [workers=N] [KEYWORD=VALUE ...] | %dask close: the session's dask cluster."""
         ns = self.shell.user_ns
         current = ns.get("cluster")
+        ours = current is not None and getattr(current, "_made_by_dask_magic", False)
         if line.strip() == "close":
-            if current is None or not hasattr(current, "requested_workers"):
+            if not ours:
                 raise UsageError("no cluster from %dask to close")
             current.close()
             return None
         kwargs = parse_dask(line)
-        if not kwargs and current is not None and hasattr(current, "requested_workers") \
-                and current.status.name == "running":
-            return current
+        if ours and current.status.name == "running":
+            if not kwargs:
+                return current
+            raise UsageError("a cluster from %dask is running (`cluster`): scale it with its "
+                             "widget, or `%dask close` first to start another")
         import aifab
         from aifab.dask_cluster import ClusterOptionError
 
@@ -59,5 +62,6 @@ class DaskMagics(Magics):
             cluster = aifab.cluster(**kwargs)
         except ClusterOptionError as exc:
             raise UsageError(str(exc)) from None
+        cluster._made_by_dask_magic = True
         ns["cluster"] = cluster
         return cluster

@@ -69,6 +69,11 @@ def test_job_settings_come_from_the_session_and_bad_options_are_refused():
     assert not any(d.startswith("--gres") for d in s["job_extra_directives"])  # CPU workers
     assert "--gres=gpu:2" in slurm_settings(session, {"gpus_per_worker": 2},
                                             now=now)["job_extra_directives"]
+    # a job runs `processes` workers, each with its GPUs
+    assert "--gres=gpu:4" in slurm_settings(session, {"gpus_per_worker": 2, "processes": 2,
+                                                      "cores": 2}, now=now)["job_extra_directives"]
+    # a number is minutes, as Slurm reads it
+    assert slurm_settings(session, {"walltime": 30}, now=now)["walltime"] == "00:30:00"
     assert s["scheduler_options"]["dashboard_address"] == "127.0.0.1:0"
 
     bad = [
@@ -81,12 +86,27 @@ def test_job_settings_come_from_the_session_and_bad_options_are_refused():
         ({"queue": "debug; rm -rf /"}, "queue='debug; rm -rf /': letters, digits"),
         ({"interface": "hsn9"}, "interface='hsn9' does not exist here"),
         ({"gpus_per_worker": -1}, "gpus_per_worker=-1"),
+        ({"walltime": "00:30"}, "less than a minute"),
+        ({"job_extra_directives": ["--time=99:00:00"]}, "set by aifab"),
+        ({"job_extra_directives": [" "]}, "must be one line of text"),
+        ({"job_directives_skip": ["-J"]}, "the job name, comment and time"),
     ]
     for overrides, message in bad:
         with pytest.raises(ClusterOptionError, match=message):
             slurm_settings(session, overrides, now=now)
     with pytest.raises(ClusterOptionError, match="the session has 100 s left"):
         slurm_settings(session, {}, now=now + 3500)
+
+
+def test_worker_jobs_get_no_secrets_gpus_or_session_job_variables():
+    env = {"PATH": "/usr/bin", "HOME": "/home/ada", "SLURM_CONF": "/etc/slurm/slurm.conf",
+           "JUPYTERHUB_API_TOKEN": "t", "AWS_SECRET_ACCESS_KEY": "s", "OPENAI_API_KEY": "k",
+           "MINIO_KEY": "k", "DB_PASSWORD": "p", "HF_TOKEN": "h", "CUDA_VISIBLE_DEVICES": "0,1",
+           "SLURM_JOB_ID": "7", "SLURM_MEM_PER_NODE": "1000", "SBATCH_PARTITION": "gh200",
+           "KEYCLOAK_URL": "https://id", "MONKEY": "fine"}
+    assert cluster_jobs.submit_env(env) == {
+        "PATH": "/usr/bin", "HOME": "/home/ada", "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "KEYCLOAK_URL": "https://id", "MONKEY": "fine"}
 
 
 def test_local_session_gets_a_local_cluster_and_refuses_slurm_options(monkeypatch):
@@ -299,6 +319,10 @@ def test_dask_magic_and_the_dashboard_through_the_jupyter_proxy(monkeypatch, tmp
         try:
             assert shell.user_ns["cluster"] is cluster
             assert shell.run_line_magic("dask", "") is cluster
+            with pytest.raises(Exception, match="a cluster from %dask is running"):
+                shell.run_line_magic("dask", "workers=3")  # never a second one, leaking
+            # TLS even on loopback: other users of this machine cannot talk to the scheduler
+            assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
             widget = cluster._widget()
             wait(lambda: widget.running == 1, 60, "1 local worker")
             port = cluster.scheduler_info["services"]["dashboard"]

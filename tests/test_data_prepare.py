@@ -143,6 +143,12 @@ def test_bad_input_is_refused_and_nothing_is_written(raw, tiny_model, tmp_path):
         prepare(src, tiny_model, used, seq_len=SEQ_LEN)
     assert [p.name for p in used.iterdir()] == ["keep.txt"]
 
+    with pytest.raises(PrepareError, match="would hold or replace"):
+        prepare(src, tiny_model, src, seq_len=SEQ_LEN, overwrite=True)  # the sources' folder
+    with pytest.raises(PrepareError, match="not the output of an earlier prepare"):
+        prepare(src, tiny_model, used, seq_len=SEQ_LEN, overwrite=True)
+    assert [p.name for p in used.iterdir()] == ["keep.txt"] and (src / "a.jsonl").is_file()
+
     with pytest.raises(PrepareError, match="not a model directory"):
         prepare(src, tmp_path, tmp_path / "x")
     with pytest.raises(PrepareError, match="no .jsonl or .parquet files"):

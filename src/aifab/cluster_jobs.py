@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,11 @@ _TAG = re.compile(
 # Names of variables that must not travel into a worker job's environment: tokens and keys
 # (the job's environment is stored by slurmctld), and the session job's own Slurm variables,
 # which would confuse sbatch and srun inside the worker job.
-_SECRET = re.compile(r".*(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|PRIVATE).*", re.I)
+_SECRET = re.compile(
+    r".*(TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|APIKEY|(^|_)KEY(_|$)).*", re.I)
+# GPUs are the session's, not a worker job's: Slurm sets these for jobs that ask for GPUs
+_GPU_VARS = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+             "GPU_DEVICE_ORDINAL", "HIP_VISIBLE_DEVICES"}
 
 
 def session_key(env=None) -> str:
@@ -53,6 +58,12 @@ def session_key(env=None) -> str:
     else:
         name = f"local:{pwd.getpwuid(os.getuid()).pw_name}@{socket.gethostname()}"
     return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def this_host() -> str:
+    """The host name as tags carry it (hashed if it has characters a tag cannot hold)."""
+    host = socket.gethostname()
+    return host if _HOST.fullmatch(host) else hashlib.sha256(host.encode()).hexdigest()[:16]
 
 
 def process_start(pid: int) -> int | None:
@@ -73,16 +84,13 @@ class KernelRef:
 
     @classmethod
     def this_process(cls) -> KernelRef:
-        host = socket.gethostname()
-        if not _HOST.fullmatch(host):
-            host = hashlib.sha256(host.encode()).hexdigest()[:16]
         pid = os.getpid()
-        return cls(host, pid, process_start(pid) or 0)
+        return cls(this_host(), pid, process_start(pid) or 0)
 
     def alive(self) -> bool:
         """Whether the kernel still runs. A kernel on another host counts as gone: a named
         session has one server at a time, so another host means an earlier session."""
-        return self.host == socket.gethostname() and process_start(self.pid) == self.start
+        return self.host == this_host() and process_start(self.pid) == self.start
 
 
 def comment(session: str, kernel: KernelRef) -> str:
@@ -100,10 +108,11 @@ class TaggedJob:
 
 def submit_env(env=None) -> dict[str, str]:
     """The environment sbatch and scancel run with (and worker jobs inherit): the kernel's,
-    less secrets and the session job's own SLURM_*/SBATCH_* settings (SLURM_CONF stays)."""
+    less secrets, GPU lists and the session job's own SLURM_*/SBATCH_* settings (SLURM_CONF
+    stays)."""
     env = os.environ if env is None else env
     return {k: v for k, v in env.items()
-            if not _SECRET.fullmatch(k)
+            if not _SECRET.fullmatch(k) and k not in _GPU_VARS
             and not (k.startswith(("SLURM_", "SBATCH_", "SALLOC_")) and k != "SLURM_CONF")}
 
 
@@ -135,8 +144,11 @@ def list_jobs(session: str | None = None, timeout: float = 20) -> list[TaggedJob
 def cancel(job_ids, timeout: float = 20) -> None:
     ids = [j for j in job_ids if re.fullmatch(r"[0-9]+(_[0-9]+)?", j)]
     if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=timeout,
-                       env=submit_env())
+        out = subprocess.run(["scancel", *ids], capture_output=True, text=True,
+                             timeout=timeout, env=submit_env())
+        if out.returncode != 0:
+            raise RuntimeError(f"scancel {' '.join(ids)} failed ({out.returncode}): "
+                               f"{out.stderr.strip()}")
 
 
 def cancel_kernel_jobs(session: str, kernel: KernelRef) -> list[str]:
@@ -173,7 +185,7 @@ def _raise_stop(*_):
 
 
 def _watch(session: str, pid: int, start: int) -> int:
-    kernel = KernelRef(socket.gethostname(), pid, start)
+    kernel = KernelRef(this_host(), pid, start)
     # SIGTERM/SIGHUP (the session ending) interrupt the wait: cancel, then exit
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
@@ -189,12 +201,15 @@ def _watch(session: str, pid: int, start: int) -> int:
                 break
     except _Stop:
         pass
-    for _ in range(3):  # squeue may be briefly unreachable; try again rather than leave jobs
+    # from here on a second signal (the session's teardown) must not interrupt the cancel
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for attempt in range(4):  # slurmctld may be briefly unreachable: retry, never give up fast
         try:
             cancel_kernel_jobs(session, kernel)
             return 0
         except (RuntimeError, OSError, subprocess.TimeoutExpired):
-            continue
+            time.sleep(2 ** attempt)
     return 1
 
 

@@ -40,7 +40,7 @@ from .session import Session
 
 DEFAULT_CORES = 2
 DEFAULT_MEMORY = "8GiB"
-DEFAULT_WALLTIME_S = 3600
+DEFAULT_WALLTIME = "01:00:00"  # when the site's dask config gives none
 # a worker job ends this long before the session does, so the session never waits on it
 WALLTIME_MARGIN_S = 120
 _NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
@@ -53,7 +53,7 @@ _RESERVED = {"job_name": "worker jobs are named and tagged by aifab so they can 
              "job_cls": "aifab's job class keeps secrets out of the worker jobs",
              "loop": "not supported from a notebook", "asynchronous": "not supported here",
              "scheduler_cls": "not supported here"}
-_RESERVED_DIRECTIVES = ("--comment", "--job-name", "-J")
+_RESERVED_DIRECTIVES = ("--comment", "--job-name", "-J", "--time", "-t")
 _NOT_WITH_LOCAL = ("queue", "account", "walltime", "job_extra_directives", "gpus_per_worker",
                    "reservation")
 
@@ -113,15 +113,33 @@ def _check_count(name: str, value, low: int = 0, high: int = 10_000) -> int:
 
 
 def parse_walltime(value) -> int:
-    """Slurm's [D-][HH:]MM:SS (or seconds as an int) -> seconds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = _WALLTIME.fullmatch(str(value).strip())
-    if not m:
+    """Slurm's [D-][HH:]MM:SS, or a whole number of minutes as Slurm reads one -> seconds.
+    Less than a minute is refused: Slurm would read it as no limit at all."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value * 60
+    else:
+        m = _WALLTIME.fullmatch(str(value).strip())
+        if not m:
+            raise ClusterOptionError(f"aifab.cluster(): walltime={value!r} must look like "
+                                     "HH:MM:SS, D-HH:MM:SS or MM:SS (or minutes as a number)")
+        d, h = int(m["d"] or 0), int(m["h"] or 0)
+        seconds = ((d * 24 + h) * 60 + int(m["m"])) * 60 + int(m["s"])
+    if seconds < 60:
+        raise ClusterOptionError(f"aifab.cluster(): walltime={value!r} is less than a minute")
+    return seconds
+
+
+def cap_walltime(wanted: int, session: Session, now: float | None = None) -> int:
+    """``wanted`` seconds, but ending WALLTIME_MARGIN_S before the session does."""
+    left = session.walltime_left(now)
+    if left is None:
+        return wanted
+    usable = int(left) - WALLTIME_MARGIN_S
+    if usable < 60:
         raise ClusterOptionError(
-            f"aifab.cluster(): walltime={value!r} must look like HH:MM:SS, D-HH:MM:SS or MM:SS")
-    d, h = int(m["d"] or 0), int(m["h"] or 0)
-    return ((d * 24 + h) * 60 + int(m["m"])) * 60 + int(m["s"])
+            f"aifab.cluster(): the session has {int(left)} s left, too little for worker "
+            f"jobs (they end {WALLTIME_MARGIN_S} s before the session)")
+    return min(wanted, usable)
 
 
 def format_minutes(seconds: int) -> str:
@@ -143,12 +161,13 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
     """SLURMCluster keywords for this session: site dask config < session < overrides."""
     _refuse_unknown(overrides, _slurm_keywords(), "a Slurm session")
     o = dict(overrides)
-    conf = dask.config.get("jobqueue.slurm", {})
+    def conf(key: str):  # the site's dask config (either spelling: a-b or a_b)
+        return dask.config.get(f"jobqueue.slurm.{key}", None)
 
-    cores = _check_count("cores", o.pop("cores", conf.get("cores") or DEFAULT_CORES), 1, 4096)
-    processes = o.pop("processes", conf.get("processes") or 1)
+    cores = _check_count("cores", o.pop("cores", conf("cores") or DEFAULT_CORES), 1, 4096)
+    processes = o.pop("processes", conf("processes") or 1)
     _check_count("processes", processes, 1, cores)
-    memory = o.pop("memory", conf.get("memory") or DEFAULT_MEMORY)
+    memory = o.pop("memory", conf("memory") or DEFAULT_MEMORY)
     try:
         if parse_bytes(memory) < 2**28:
             raise ValueError
@@ -157,37 +176,34 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
                                  "'8GiB' or '16GB' (at least 256MiB)") from None
     gpus = _check_count("gpus_per_worker", o.pop("gpus_per_worker", 0), 0, 16)
 
-    directives = list(o.pop("job_extra_directives", conf.get("job-extra-directives") or []))
+    directives = list(o.pop("job_extra_directives", conf("job-extra-directives") or []))
     for d in directives:
-        if not isinstance(d, str) or any(c in d for c in "\n\r\0"):
+        if not isinstance(d, str) or not d.strip() or any(c in d for c in "\n\r\0"):
             raise ClusterOptionError(f"aifab.cluster(): job_extra_directives entry {d!r} must "
                                      "be one line of text")
         if d.split("=", 1)[0].split()[0] in _RESERVED_DIRECTIVES:
             raise ClusterOptionError(f"aifab.cluster(): {d!r} is set by aifab (worker jobs "
-                                     "are tagged with the session so they can be cleaned up)")
+                                     "are tagged with the session and end before it)")
+    for d in o.get("job_directives_skip") or []:
+        if any(flag in str(d) for flag in ("-J", "--job-name", "--comment", "-t", "--time")):
+            raise ClusterOptionError(f"aifab.cluster(): job_directives_skip {d!r}: the job "
+                                     "name, comment and time are how aifab cleans up")
 
     place = {"queue": session.slurm_partition, "account": session.slurm_account,
              "reservation": session.slurm_reservation}
     for key in place:
         value = o.pop(key, None)
         if value is None:
-            value = place[key] or conf.get(key) or ""
+            value = place[key] or conf(key) or ""
         if value and not _NAME.fullmatch(str(value)):
             raise ClusterOptionError(f"aifab.cluster(): {key}={value!r}: letters, digits and "
                                      "_.+- only")
         place[key] = value
 
-    wanted = parse_walltime(o.pop("walltime", conf.get("walltime") or DEFAULT_WALLTIME_S))
-    left = session.walltime_left(now)
-    if left is not None:
-        usable = int(left) - WALLTIME_MARGIN_S
-        if usable < 60:
-            raise ClusterOptionError(
-                f"aifab.cluster(): the session has {int(left)} s left, too little for worker "
-                f"jobs (they end {WALLTIME_MARGIN_S} s before the session)")
-        wanted = min(wanted, usable)
+    wanted = cap_walltime(parse_walltime(o.pop("walltime", conf("walltime") or DEFAULT_WALLTIME)),
+                          session, now)
 
-    interface = o.pop("interface", None) or conf.get("interface") \
+    interface = o.pop("interface", None) or conf("interface") \
         or os.environ.get("AIFAB_DASK_INTERFACE") or None
     if interface and interface not in _interfaces():
         raise ClusterOptionError(f"aifab.cluster(): interface={interface!r} does not exist "
@@ -197,11 +213,12 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
     directives.append(f"--comment={cluster_jobs.comment(cluster_jobs.session_key(), kernel)}")
     if place["reservation"]:
         directives.append(f"--reservation={place['reservation']}")
-    if gpus:
-        directives.append(f"--gres=gpu:{gpus}")
+    if gpus:  # a job runs `processes` workers, each with its GPUs
+        directives.append(f"--gres=gpu:{gpus * processes}")
 
-    scheduler_options = dict(o.pop("scheduler_options", None) or {})
-    scheduler_options.setdefault("dashboard_address", "127.0.0.1:0")
+    scheduler_options = {**(conf("scheduler-options") or {}),
+                         **(o.pop("scheduler_options", None) or {})}
+    scheduler_options["dashboard_address"] = "127.0.0.1:0"  # reached through Jupyter only
     settings = {
         "cores": cores, "processes": processes, "memory": memory,
         "walltime": format_minutes(wanted),
@@ -210,7 +227,7 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
         "scheduler_options": scheduler_options,
         "job_name": cluster_jobs.JOB_NAME,
         "shared_temp_directory": o.pop("shared_temp_directory", None)
-        or conf.get("shared-temp-directory") or str(_tls_dir()),
+        or conf("shared-temp-directory") or str(_tls_dir()),
     }
     # TLS between scheduler and workers with throw-away certificates: a dask scheduler runs
     # whatever it is sent, so on a shared network nobody else may connect to it
@@ -243,7 +260,15 @@ def _ensure_watchdog() -> None:
 
 class SessionSLURMJob(SLURMJob):
     """sbatch/scancel with the kernel's environment less secrets and the Slurm variables of the
-    session's own job (a worker job inherits the environment sbatch runs with)."""
+    session's own job (a worker job inherits the environment sbatch runs with). Each job's
+    walltime is capped again when it is made: a job added late (scale, adapt) still ends
+    before the session."""
+
+    def __init__(self, *args, walltime=None, **kwargs):
+        if walltime:
+            walltime = format_minutes(cap_walltime(parse_walltime(walltime),
+                                                   Session.from_env()))
+        super().__init__(*args, walltime=walltime, **kwargs)
 
     @staticmethod
     async def _call(cmd, *, shell=False, **kwargs):
@@ -292,12 +317,19 @@ class SessionSLURMCluster(_SessionWidget, SLURMCluster):
     def processes_per_job(self) -> int:
         return self._dummy_job.worker_processes
 
-    def adapt(self, minimum: int = 0, maximum: int = 0, **kwargs):
-        """Adapt between ``minimum`` and ``maximum`` workers in whole jobs: the bounds are
-        rounded to multiples of the processes per job (minimum up, maximum down)."""
+    def adapt(self, minimum: float = 0, maximum: float = math.inf, *,
+              minimum_jobs: int | None = None, maximum_jobs: int | None = None, **kwargs):
+        """Adapt between ``minimum`` and ``maximum`` workers (or ``minimum_jobs`` and
+        ``maximum_jobs`` jobs) in whole jobs: the bounds are rounded to multiples of the
+        processes per job (minimum up, maximum down)."""
         p = self.processes_per_job
-        min_jobs = math.ceil(minimum / p)
-        max_jobs = max(min_jobs, maximum // p)
+        min_jobs = minimum_jobs if minimum_jobs is not None else math.ceil(minimum / p)
+        if maximum_jobs is not None:
+            max_jobs = max(min_jobs, maximum_jobs)
+        elif math.isinf(maximum):
+            max_jobs = math.inf
+        else:
+            max_jobs = max(min_jobs, int(maximum) // p)
         kwargs.pop("Adaptive", None)
         if p > 1:  # retire whole jobs, never part of one
             kwargs.setdefault("worker_key", job_of_worker)
@@ -344,6 +376,9 @@ def _local_cluster(workers: int, overrides: dict):
     _refuse_unknown(overrides, _local_keywords(), "a local session (LocalCluster)")
     o = dict(overrides)
     o.setdefault("threads_per_worker", 1)
+    # TLS even on loopback: another user of this machine must not be able to connect to the
+    # scheduler (it runs what it is sent)
+    o.setdefault("security", True)
     return SessionLocalCluster(n_workers=workers, host="127.0.0.1",
                                dashboard_address="127.0.0.1:0", **o)
 

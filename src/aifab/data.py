@@ -147,7 +147,8 @@ def _records(chunk: Chunk):
         return
     import itertools
 
-    with open(chunk.path, encoding="utf-8", errors="replace") as fh:
+    # newline="\n": lines as split() counted them (a lone \r stays inside its record)
+    with open(chunk.path, encoding="utf-8", errors="replace", newline="\n") as fh:
         for lineno, line in enumerate(itertools.islice(fh, chunk.start - 1, chunk.stop - 1),
                                       chunk.start):
             if not line.strip():
@@ -249,9 +250,17 @@ def prepare(source, model: str, out: str, *, seq_len: int = 1024, cluster=None,
                            "(tokenizer_config.json)")
     model = str(model_dir.resolve())
     final = Path(out).expanduser().resolve()
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise PrepareError(f"{final} exists and is not empty; choose another out or pass "
-                           "overwrite=True")
+    for precious in (*(f.resolve() for f in files), Path.cwd().resolve(), Path.home()):
+        if precious == final or final in precious.parents:
+            raise PrepareError(f"out={str(out)!r} would hold or replace {precious}; choose a "
+                               "new folder for the output")
+    if final.exists() and any(final.iterdir()):
+        if not overwrite:
+            raise PrepareError(f"{final} exists and is not empty; choose another out or pass "
+                               "overwrite=True")
+        if not (final / SUMMARY_FILE).is_file():
+            raise PrepareError(f"{final} is not the output of an earlier prepare (no "
+                               f"{SUMMARY_FILE}); overwrite=True replaces only such a folder")
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
     work = staging / "_work"
     shutil.rmtree(staging, ignore_errors=True)
