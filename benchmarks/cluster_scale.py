@@ -17,17 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from aifab.dask_cluster import wait_for_workers
 from tests.harness.slurm import SlurmCluster, SlurmConfig
 
 JOB = {"cores": 1, "memory": "1GiB", "walltime": "00:30:00"}
-
-
-def _connected(cluster, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while len(cluster.scheduler_info.get("workers", {})) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{n} workers not connected after {timeout} s")
-        time.sleep(0.02)
 
 
 def _gone(slurm: SlurmCluster, timeout: float = 60) -> None:
@@ -42,7 +35,7 @@ def bare_once(slurm: SlurmCluster) -> float:
             "dashboard_address": "127.0.0.1:0"}, **JOB) as cluster:
         t0 = time.perf_counter()
         cluster.scale(2)
-        _connected(cluster, 2)
+        wait_for_workers(cluster, 2)
         elapsed = time.perf_counter() - t0
     _gone(slurm)
     return elapsed
@@ -56,7 +49,7 @@ def aifab_once(slurm: SlurmCluster) -> float:
         widget.scale_input.value = 2
         t0 = time.perf_counter()
         widget.scale_button.click()
-        _connected(cluster, 2)
+        wait_for_workers(cluster, 2)
         elapsed = time.perf_counter() - t0
         widget.close()
     _gone(slurm)

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args(argv)
     import aifab
+    from aifab.dask_cluster import wait_for_workers
     from aifab.data import prepare
     from aifab.tiny_model import build_cached
 
@@ -66,10 +67,7 @@ def main(argv=None) -> None:
             once("single", None)
             for n in (1, 2):
                 with aifab.cluster(workers=n, cores=1, memory="2GiB") as cluster:
-                    deadline = time.monotonic() + 120
-                    while len(cluster.scheduler_info["workers"]) < n:
-                        assert time.monotonic() < deadline, "workers did not connect"
-                        time.sleep(0.05)
+                    wait_for_workers(cluster, n)
                     once(f"workers_{n}", cluster)
     finally:
         slurm.stop()

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from aifab import cluster_jobs
-from aifab.dask_cluster import ClusterOptionError, slurm_settings
+from aifab.dask_cluster import ClusterOptionError, slurm_settings, wait_for_workers
 from aifab.session import Session
 from tests.harness.jupyter import JupyterServer
 
@@ -206,7 +206,7 @@ def test_adapt_with_two_processes_per_job_settles_on_whole_jobs(slurm_session):
         adaptive.adapt_min.value, adaptive.adapt_max.value = 3, 5
         adaptive.adapt_button.click()
         assert "between 4 and 4 workers (2 per job)" in adaptive.message.value
-        wait(lambda: len(cluster.scheduler_info["workers"]) == 4, 90, "4 workers connected")
+        wait_for_workers(cluster, 4, timeout=90)
         seen: set[str] = set()
         end = time.monotonic() + 8  # several adaptive intervals (1 s each)
         while time.monotonic() < end:
@@ -221,11 +221,10 @@ def test_adapt_with_two_processes_per_job_settles_on_whole_jobs(slurm_session):
 
 # ------------------------------------------------------------------ no orphans
 KERNEL_CODE = textwrap.dedent("""
-    import aifab, time
+    import aifab
+    from aifab.dask_cluster import wait_for_workers
     cluster = aifab.cluster(workers=2, cores=1, memory="1GiB")
-    deadline = time.time() + 90
-    while len(cluster.scheduler_info["workers"]) < 2 and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_workers(cluster, 2, timeout=90)
     print("workers", len(cluster.scheduler_info["workers"]))
 """)
 

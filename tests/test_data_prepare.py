@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -98,12 +97,11 @@ def test_two_slurm_workers_give_the_single_process_bytes(raw, single, tiny_model
     for k, v in {"AIFAB_BACKEND": "slurm", "AIFAB_SLURM_PARTITION": "debug",
                  "AIFAB_DASK_INTERFACE": "lo"}.items():
         monkeypatch.setenv(k, v)
+    from aifab.dask_cluster import wait_for_workers
+
     cluster = aifab.cluster(workers=2, cores=1, memory="2GiB")
     try:
-        deadline = time.monotonic() + 90
-        while len(cluster.scheduler_info["workers"]) < 2:
-            assert time.monotonic() < deadline, "2 workers did not connect"
-            time.sleep(0.1)
+        wait_for_workers(cluster, 2, timeout=90)
         result = prepare(raw[0], tiny_model, tmp_path / "prepared", seq_len=SEQ_LEN,
                          chunk_records=250, rows_per_shard=64, cluster=cluster)
     finally:

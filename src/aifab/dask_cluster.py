@@ -410,10 +410,11 @@ def resources_in_use(cluster) -> tuple[int, int]:
 
 
 def wait_for_workers(cluster, n: int, timeout: float = 120) -> None:
+    """Wait until ``n`` workers are connected (what the widget counts as running)."""
     deadline = time.monotonic() + timeout
     while len(cluster.scheduler_info.get("workers", {})) < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{n} workers did not connect within {timeout:.0f} s")
-        time.sleep(0.1)
+        time.sleep(0.02)
 
 
