@@ -75,6 +75,8 @@ def test_job_settings_come_from_the_session_and_bad_options_are_refused():
     # a number is minutes, as Slurm reads it
     assert slurm_settings(session, {"walltime": 30}, now=now)["walltime"] == "00:30:00"
     assert s["scheduler_options"]["dashboard_address"] == "127.0.0.1:0"
+    # worker logs in a private folder, not a slurm-NNN.out per job in the notebook's folder
+    assert s["log_directory"].endswith("aifab/dask-logs")
 
     bad = [
         ({"coers": 4}, "unknown option 'coers'.*did you mean 'cores'"),
@@ -131,7 +133,7 @@ def test_widget_scales_the_real_slurm_cluster_and_shows_pending_reasons(slurm_se
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "secret-token-for-the-test")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     blocker = slurm.run("sbatch", "--parsable", "--exclusive", "-p", "debug", "-J", "blocker",
-                        "--wrap", "sleep 600").stdout.strip()
+                        "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
     slurm.wait_for(lambda: any(r["job_id"] == blocker and r["state"] == "RUNNING"
                                for r in slurm.squeue()), 30, what="the blocker running")
     cluster = aifab.cluster(**SMALL)
@@ -265,7 +267,7 @@ def _sbatch_tagged(slurm, session: str, kernel: cluster_jobs.KernelRef) -> str:
     return slurm.run(
         "sbatch", "--parsable", "-p", "debug", "-J", cluster_jobs.JOB_NAME,
         f"--comment={cluster_jobs.comment(session, kernel)}", "-c", "1",
-        "--wrap", "sleep 600").stdout.strip()
+        "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
 
 
 def test_session_start_sweeps_dead_kernels_jobs_and_session_end_cancels_the_rest(

@@ -227,7 +227,10 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
         "scheduler_options": scheduler_options,
         "job_name": cluster_jobs.JOB_NAME,
         "shared_temp_directory": o.pop("shared_temp_directory", None)
-        or conf("shared-temp-directory") or str(_tls_dir()),
+        or conf("shared-temp-directory") or str(_private_dir("dask-tls")),
+        # the workers' logs, rather than a slurm-NNN.out per job in the notebook's folder
+        "log_directory": o.pop("log_directory", None) or conf("log-directory")
+        or str(_private_dir("dask-logs")),
     }
     # TLS between scheduler and workers with throw-away certificates: a dask scheduler runs
     # whatever it is sent, so on a shared network nobody else may connect to it
@@ -237,12 +240,12 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
     return settings
 
 
-def _tls_dir() -> Path:
-    """Where the workers' TLS files go: under the user's home (shared with the compute nodes
-    on an HPC system), readable by the user only."""
+def _private_dir(name: str) -> Path:
+    """A folder for the workers' TLS files or logs: under the user's home (shared with the
+    compute nodes on an HPC system), readable by the user only."""
     from jupyter_core.paths import jupyter_data_dir
 
-    path = Path(jupyter_data_dir()) / "aifab" / "dask-tls"
+    path = Path(jupyter_data_dir()) / "aifab" / name
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.chmod(0o700)
     return path
