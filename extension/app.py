@@ -79,6 +79,12 @@ class AifabExtension(ExtensionApp):
                 previous(signum, frame)
 
         signal.signal(signal.SIGUSR1, on_usr1)
+        # JupyterHub's local spawners stop a server with SIGINT first. Without a terminal,
+        # Jupyter leaves SIGINT to Python (KeyboardInterrupt): the event loop just ends and no
+        # extension is stopped, so a vLLM would outlive its session. Treat it as SIGTERM is
+        # treated: a clean stop, services included.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, serverapp._signal_stop)
 
     def _sweep_dask_jobs(self, everything: bool) -> None:
         """Cancel the dask worker jobs of this session whose kernel is gone (at start: what

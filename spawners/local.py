@@ -29,6 +29,15 @@ class LocalSessionSpawner(SimpleLocalProcessSpawner):
     def _ip_default(self):
         return "127.0.0.1"
 
+    @default("interrupt_timeout")
+    def _interrupt_timeout_default(self):
+        # On Stop the server shuts down its kernels, then its services (vLLM gets SIGTERM and
+        # up to AifabExtension.stop_grace before SIGKILL). JupyterHub's 10 s (+5 s after
+        # SIGTERM) can SIGKILL the server half-way and leave a vLLM running on the machine;
+        # on Slurm and Kubernetes the job's cgroup or the pod ends everything, here nothing
+        # does. The server exits as soon as it is done, so this only bounds the worst case.
+        return 60
+
     def get_args(self):
         args = list(super().get_args())
         if os.geteuid() == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,20 @@ def demo_hub(hub_factory, slurm, tiny_model, tmp_path):
     hub.start()
     hub.password = (state / "password").read_text().strip()
     yield hub
+    # Stop as a person does (Stop My Server): the session's vLLM must stop with it
     hub.api("DELETE", f"/users/{USER}/server")
+    hub.wait_for_stopped(USER, timeout=60)
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if "vllm.entrypoints" in " ".join(p.info["cmdline"] or [])
+            and _cwd(p).startswith(str(state))]
+    assert not left, f"the session's vLLM outlived its server: pids {left}"
+
+
+def _cwd(proc) -> str:
+    try:
+        return proc.cwd()
+    except psutil.Error:
+        return ""
 
 
 @pytest.fixture
