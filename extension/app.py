@@ -89,10 +89,8 @@ class AifabExtension(ExtensionApp):
     def _sweep_dask_jobs(self, everything: bool) -> None:
         """Cancel the dask worker jobs of this session whose kernel is gone (at start: what
         earlier servers' kernels left) or all of them (at the end of the session)."""
-        if not shutil.which("squeue") or not (
-                os.environ.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf")
-                or os.environ.get("SLURM_JOB_ID")):
-            return  # no Slurm here (a Slurm client without a configuration asks DNS, slowly)
+        if not shutil.which("squeue") or not cluster_jobs.slurm_client_configured():
+            return  # no Slurm here
         try:
             cancelled = cluster_jobs.sweep(cluster_jobs.session_key(), everything=everything)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:

@@ -28,7 +28,7 @@ class DataSummary:
     records: int
 
 
-def _check_record(rec, where: str) -> str:
+def check_record(rec, where: str) -> str:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
@@ -62,7 +62,7 @@ def inspect_jsonl(path: Path) -> DataSummary:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") \
                     from None
-            kind = _check_record(rec, where)
+            kind = check_record(rec, where)
             if field is None:
                 field = kind
             elif kind != field:

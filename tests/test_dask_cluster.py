@@ -286,14 +286,10 @@ def test_session_start_sweeps_dead_kernels_jobs_and_session_end_cancels_the_rest
         orphan = _sbatch_tagged(slurm, session, dead_ref)
         kept = _sbatch_tagged(slurm, session, live_ref)
         foreign = _sbatch_tagged(slurm, other, dead_ref)
-        server = JupyterServer(tmp_path / "server", env=env)
-        server.start()
-        try:
+        with JupyterServer(tmp_path / "server", env=env) as server:
             ids = {j["job_id"] for j in dask_jobs(slurm)}
             assert orphan not in ids, "the dead kernel's job survived the start sweep"
             assert kept in ids and foreign in ids
-        finally:
-            server.stop()
         ids = {j["job_id"] for j in dask_jobs(slurm)}
         assert kept not in ids, "the session's jobs survived the end of the session"
         assert foreign in ids, "another session's job was cancelled"
@@ -308,9 +304,7 @@ def test_dask_magic_and_the_dashboard_through_the_jupyter_proxy(monkeypatch, tmp
     import requests
 
     monkeypatch.setenv("AIFAB_BACKEND", "local")
-    server = JupyterServer(tmp_path / "server")
-    server.start()
-    try:
+    with JupyterServer(tmp_path / "server") as server:
         shell = ipython_on(server)
         with pytest.raises(Exception, match="unknown option 'wokers'.*did you mean 'workers'"):
             shell.run_line_magic("dask", "wokers=1")
@@ -337,5 +331,3 @@ def test_dask_magic_and_the_dashboard_through_the_jupyter_proxy(monkeypatch, tmp
         finally:
             shell.run_line_magic("dask", "close")
         assert cluster.status.name == "closed"
-    finally:
-        server.stop()

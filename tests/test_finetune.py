@@ -18,10 +18,8 @@ from tests.harness.jupyter import JupyterServer
 
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory):
-    server = JupyterServer(tmp_path_factory.mktemp("finetune"))
-    server.start()
-    yield server
-    server.stop()
+    with JupyterServer(tmp_path_factory.mktemp("finetune")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,8 @@ def test_every_tutorial_is_checked():
 
 @pytest.fixture(scope="module")
 def session_server(tmp_path_factory):
-    server = JupyterServer(tmp_path_factory.mktemp("tutorials-server"))
-    server.start()
-    yield server
-    server.stop()
+    with JupyterServer(tmp_path_factory.mktemp("tutorials-server")) as server:
+        yield server
 
 
 def _text(nb) -> str:

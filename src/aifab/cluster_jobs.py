@@ -49,6 +49,14 @@ _GPU_VARS = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEV
              "GPU_DEVICE_ORDINAL", "HIP_VISIBLE_DEVICES"}
 
 
+def slurm_client_configured(env=None) -> bool:
+    """Whether Slurm commands can find a cluster here. Without a configuration a Slurm client
+    goes looking for one in DNS (configless mode), slowly, and fails."""
+    env = os.environ if env is None else env
+    return bool(env.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf")
+                or env.get("SLURM_JOB_ID"))
+
+
 def session_key(env=None) -> str:
     """One key per named session: the hub user and server name, or user@host without a hub."""
     env = os.environ if env is None else env
@@ -119,7 +127,7 @@ def submit_env(env=None) -> dict[str, str]:
 def list_jobs(session: str | None = None, timeout: float = 20) -> list[TaggedJob]:
     """This user's aifab dask jobs still in the queue (optionally of one session)."""
     out = subprocess.run(
-        ["squeue", "--me", "--noheader", "--states=all", f"--name={JOB_NAME}",
+        ["squeue", "--me", "--noheader", f"--name={JOB_NAME}",  # live jobs only (default)
          "--format=%i|%T|%r|%k"],
         capture_output=True, text=True, timeout=timeout, env=submit_env())
     if out.returncode != 0:
@@ -132,9 +140,6 @@ def list_jobs(session: str | None = None, timeout: float = 20) -> list[TaggedJob
         job_id, state, reason, text = parts
         m = _TAG.fullmatch(text.strip())
         if not m or (session and m["session"] != session):
-            continue
-        if state in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY",
-                     "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
             continue
         jobs.append(TaggedJob(job_id, state, reason, m["session"],
                               KernelRef(m["host"], int(m["pid"]), int(m["start"]))))

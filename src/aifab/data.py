@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aifab.extension.train_data import DataError, _check_record
+from aifab.extension.train_data import DataError, check_record
 
 SUMMARY_FILE = "_prepare.json"
 BAD_FILE = "_bad-records.jsonl"  # "_": parquet readers of the folder skip it
@@ -170,7 +170,7 @@ def tokenize_chunk(chunk: Chunk, model: str, work: str) -> dict:
         try:
             if error:
                 raise DataError(f"{where}: {error}")
-            kind = _check_record(rec, where)
+            kind = check_record(rec, where)
             if kind == "messages":
                 text = tok.apply_chat_template(rec["messages"], tokenize=False)
                 ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
+from .cluster_jobs import slurm_client_configured
 from .gpus import NVMLUnavailable, physical_gpus
 from .session import Session, SessionContractError
 
@@ -54,9 +55,7 @@ def check_slurm(env: Mapping[str, str], timeout: float = 10) -> Check:
         return Check("slurm", MISSING, "sinfo not found on PATH",
                      "only needed for Slurm placement and dask on Slurm; load your site's slurm "
                      "module if you expected it")
-    if not (env.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf")
-            or env.get("SLURM_JOB_ID")):
-        # without a config a Slurm client goes looking for one in DNS (configless mode)
+    if not slurm_client_configured(env):
         return Check("slurm", MISSING, "Slurm client installed but not configured "
                      "(no SLURM_CONF, no /etc/slurm/slurm.conf)",
                      "set SLURM_CONF to your cluster's slurm.conf")

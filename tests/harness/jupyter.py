@@ -50,6 +50,13 @@ class JupyterServer:
             time.sleep(0.1)
         raise RuntimeError(f"jupyter server not up after {timeout}s:\n{self.log_tail()}")
 
+    def __enter__(self) -> JupyterServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 60) -> None:
         """Graceful shutdown (SIGTERM), as when a session ends."""
         if self.proc:
