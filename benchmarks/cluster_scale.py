@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from aifab.dask_cluster import wait_for_workers
+from aifab.magics.dask_cluster import wait_for_workers
 from tests.harness.slurm import SlurmCluster, SlurmConfig
 
 JOB = {"cores": 1, "memory": "1GiB", "walltime": "00:30:00"}

@@ -37,7 +37,7 @@ def aifab_once(server, model, data, out: Path, steps: int, i: int) -> float:
     import os
 
     os.environ["AIFAB_SERVER_URL"], os.environ["AIFAB_SERVER_TOKEN"] = server.url, server.token
-    from aifab.finetuning import finetune
+    from aifab.magics.finetuning import finetune
 
     run = finetune(str(model), str(data), name=f"bench-{i}", output=str(out), max_steps=steps,
                    lr=1e-3, seq_len=256, batch_size=8).wait(1800)

@@ -41,7 +41,7 @@ def build_model(path: Path) -> int:
     model.save_pretrained(path, safe_serialization=True)
     del model
     torch.cuda.empty_cache()
-    from aifab.tiny_model import build
+    from aifab.magics.tiny_model import build
 
     tok_dir = path.parent / "tok"
     build(tok_dir)  # a local tokenizer; the data below is plain text of its vocabulary

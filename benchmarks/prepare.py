@@ -1,4 +1,4 @@
-"""Records per second of ``aifab.data.prepare`` in this process and on 1 and 2 dask workers of
+"""Records per second of ``aifab.magics.data.prepare`` in this process and on 1 and 2 dask workers of
 ``aifab.cluster()`` on a real single-node Slurm (tiny offline model, chat records).
 
     .venv/bin/python -m benchmarks.prepare [--records 20000] [--runs 2]
@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args(argv)
     import aifab
-    from aifab.dask_cluster import wait_for_workers
-    from aifab.data import prepare
-    from aifab.tiny_model import build_cached
+    from aifab.magics.dask_cluster import wait_for_workers
+    from aifab.magics.data import prepare
+    from aifab.magics.tiny_model import build_cached
 
     model = build_cached(Path(os.environ.get("AIFAB_TEST_CACHE", REPO / ".cache")) /
                          "tiny-model")

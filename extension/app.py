@@ -5,19 +5,18 @@ server shuts down."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Unicode, default
+from traitlets import Dict, Float, Unicode, default
 
-from aifab import cluster_jobs
-from aifab.session import Session
+from aifab import slurm
+from aifab.session import ENV_STATE_DIR, Session
 
+from . import dask_jobs
 from .services import ServiceManager
 
 
@@ -44,10 +43,17 @@ class AifabExtension(ExtensionApp):
     ready_timeout = Float(900.0, help="Seconds a service may take to become ready.").tag(
         config=True)
 
+    extra_service_kinds = Dict(
+        key_trait=Unicode(), value_trait=Unicode(),
+        help="""Service kinds besides vllm and finetune: {kind: "package.module:Class"}, each a
+        subclass of aifab.extension.kinds.ServiceKind. A kind builds its own command line;
+        this is the only way a program other than vLLM or the trainer becomes a service.""",
+    ).tag(config=True)
+
     @default("state_dir")
     def _state_dir_default(self):
-        if os.environ.get("AIFAB_STATE_DIR"):
-            return os.environ["AIFAB_STATE_DIR"]
+        if os.environ.get(ENV_STATE_DIR):
+            return os.environ[ENV_STATE_DIR]
         return str(Path(jupyter_data_dir()) / "aifab" / "sessions" /
                    session_id(Session.from_env()))
 
@@ -55,7 +61,8 @@ class AifabExtension(ExtensionApp):
         session = Session.from_env()
         self.manager = ServiceManager(Path(self.state_dir), session, self.log,
                                       stop_grace=self.stop_grace,
-                                      ready_timeout=self.ready_timeout)
+                                      ready_timeout=self.ready_timeout,
+                                      kinds=self.extra_service_kinds)
         self.manager.adopt()
         self.settings["aifab_services"] = self.manager
         self._sweep_dask_jobs(everything=False)
@@ -89,11 +96,11 @@ class AifabExtension(ExtensionApp):
     def _sweep_dask_jobs(self, everything: bool) -> None:
         """Cancel the dask worker jobs of this session whose kernel is gone (at start: what
         earlier servers' kernels left) or all of them (at the end of the session)."""
-        if not shutil.which("squeue") or not cluster_jobs.slurm_client_configured():
+        if not slurm.have_client():
             return  # no Slurm here
         try:
-            cancelled = cluster_jobs.sweep(cluster_jobs.session_key(), everything=everything)
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            cancelled = dask_jobs.sweep(dask_jobs.session_key(), everything=everything)
+        except slurm.SlurmError as exc:
             self.log.warning("aifab: could not sweep dask worker jobs: %s", exc)
             return
         if cancelled:

@@ -7,38 +7,11 @@ a service that exits stops holding its GPUs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
+from aifab.gpus import GPURequestError, GPUsBusy, parse_gpu_request
 
-class GPURequestError(ValueError):
-    """A GPU request that cannot be met; the message names who holds what."""
-
-
-def parse_gpu_request(spec) -> tuple[str, object]:
-    """'2' or 2 → ('count', 2); '0,1' → ('ids', ['0', '1']); 'all' → ('all', None);
-    None/'0'/0 → ('count', 0)."""
-    if spec is None or spec == "":
-        return ("count", 0)
-    if isinstance(spec, bool):
-        raise GPURequestError(f"gpus={spec!r}: give a count, a list like 0,1, or all")
-    if isinstance(spec, int):
-        if spec < 0:
-            raise GPURequestError(f"gpus={spec}: must be 0 or more")
-        return ("count", spec)
-    if isinstance(spec, (list, tuple)):
-        spec = ",".join(str(s) for s in spec)
-    text = str(spec).strip()
-    if text == "all":
-        return ("all", None)
-    if re.fullmatch(r"[0-9]{1,3}", text):
-        return ("count", int(text))
-    if re.fullmatch(r"[0-9]{1,3}(,[0-9]{1,3})+|[0-9]{1,3},", text):
-        return ("ids", [t for t in text.split(",") if t])
-    if re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]{1,80}(,(GPU|MIG)-[0-9A-Za-z/-]{1,80})*", text):
-        return ("ids", text.split(","))
-    raise GPURequestError(f"gpus={spec!r}: give a count (2), a list of the session's GPUs "
-                          "(0,1) or all")
+__all__ = ["GPURequestError", "GPUsBusy", "allocate", "describe_holders", "parse_gpu_request"]
 
 
 def describe_holders(held: Mapping[str, Sequence[str]]) -> str:
@@ -63,7 +36,7 @@ def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) ->
             raise GPURequestError(f"{n} GPU(s) requested but this session has "
                                   f"{len(visible)} ({','.join(visible) or 'none'})")
         if n > len(free):
-            raise GPURequestError(f"{n} GPU(s) requested but {len(free)} free: "
+            raise GPUsBusy(f"{n} GPU(s) requested but {len(free)} free: "
                                   f"{describe_holders(held)}. Stop one of those services or "
                                   "ask for fewer GPUs")
         return free[:n]
@@ -71,7 +44,7 @@ def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) ->
         if not visible:
             raise GPURequestError("gpus=all but this session has no GPU")
         if taken:
-            raise GPURequestError(f"gpus=all but some are in use: {describe_holders(held)}")
+            raise GPUsBusy(f"gpus=all but some are in use: {describe_holders(held)}")
         return list(visible)
     wanted = []
     for gid in value:
@@ -84,7 +57,7 @@ def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) ->
                                   f"({','.join(visible) or 'none'})")
         if name in taken:
             holder = next(n for n, g in held.items() if name in g)
-            raise GPURequestError(f"GPU {gid} is held by {holder!r}; "
+            raise GPUsBusy(f"GPU {gid} is held by {holder!r}; "
                                   f"free: {','.join(free) or 'none'}")
         wanted.append(name)
     if len(set(wanted)) != len(wanted):

@@ -23,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from aifab.session import ENV_WALLTIME_END
+
 COMPLETE = "aifab-complete"
 RUN_FILE = "aifab-run.json"
 EXIT_INTERRUPTED = 75  # stopped early with a checkpoint: resume with --resume
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from aifab.finetuning import FineTuneOptions as d  # the one place defaults are set
+    from aifab.api import FineTuneOptions as d  # the one place defaults are set
 
     p = argparse.ArgumentParser(prog="aifab.extension.trainer")
     p.add_argument("--model", required=True)
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGUSR1, on_signal)
-    walltime_end = float(os.environ.get("AIFAB_WALLTIME_END") or 0) or None
+    walltime_end = float(os.environ.get(ENV_WALLTIME_END) or 0) or None
     metrics_path = out / "metrics.jsonl"
 
     def emit(record: dict) -> None:

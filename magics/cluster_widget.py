@@ -16,7 +16,7 @@ from collections import Counter
 import ipywidgets as w
 from dask.utils import format_bytes
 
-from aifab.dask_cluster import dashboard_url, resources_in_use
+from aifab.magics.dask_cluster import dashboard_url, resources_in_use
 
 
 class ClusterWidget(w.VBox):

@@ -56,7 +56,7 @@ class DaskMagics(Magics):
             raise UsageError("a cluster from %dask is running (`cluster`): scale it with its "
                              "widget, or `%dask close` first to start another")
         import aifab
-        from aifab.dask_cluster import ClusterOptionError
+        from aifab.magics.dask_cluster import ClusterOptionError
 
         try:
             cluster = aifab.cluster(**kwargs)

@@ -20,10 +20,11 @@ def _option_keys() -> tuple[str, ...]:
     """What %%finetune's YAML may set: FineTuneOptions' fields (the one list of options)."""
     import dataclasses
 
-    from aifab.finetuning import FineTuneOptions
+    from aifab.api import FineTuneOptions
 
+    # serve: the kernel's own step after the run (it serves what the run wrote)
     return tuple(f.name for f in dataclasses.fields(FineTuneOptions)
-                 if f.name not in ("model", "data"))
+                 if f.name not in ("model", "data")) + ("serve",)
 
 
 def parse_finetune(line: str) -> tuple[str, dict]:
@@ -102,8 +103,8 @@ class FineTuneMagics(Magics):
     def _dispatch(self, command: str, opts: dict):
         from IPython.display import display
 
-        from aifab.client import ServiceRequestError, SessionClient
-        from aifab.finetuning import FineTuneError, attach, finetune
+        from aifab.magics.client import ServiceRequestError, SessionClient
+        from aifab.magics.finetuning import FineTuneError, attach, finetune
 
         from .finetune_widget import FineTuneWidget
 

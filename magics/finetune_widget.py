@@ -10,7 +10,7 @@ import time
 
 import ipywidgets as w
 
-from aifab.finetuning import FineTuneRun
+from aifab.magics.finetuning import FineTuneRun
 
 
 def loss_svg(losses: list[float], width: int = 320, height: int = 90,

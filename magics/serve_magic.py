@@ -62,8 +62,8 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
 class ServeMagics(Magics):
     @line_magic
     def serve(self, line: str):
-        from aifab.client import ServiceRequestError, SessionClient
-        from aifab.serving import Served, serve
+        from aifab.magics.client import ServiceRequestError, SessionClient
+        from aifab.magics.serving import Served, serve
 
         command, opts, extra = parse_serve(line)
         try:

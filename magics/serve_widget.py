@@ -10,8 +10,8 @@ import time
 
 import ipywidgets as w
 
-from aifab.client import ServiceRequestError
-from aifab.serving import Served
+from aifab.magics.client import ServiceRequestError
+from aifab.magics.serving import Served
 
 PHASES = ["starting", "loading weights", "compiling", "KV cache", "starting server",
           "first request", "ready"]

@@ -18,7 +18,7 @@ class SessionMagics(Magics):
         words = shlex.split(line)
         if not words or words[0] != "doctor" or any(w != "--json" for w in words[1:]):
             raise UsageError(f"unknown arguments {line!r}; usage: {USAGE}")
-        from aifab.doctor import format_checks, run_checks, to_json
+        from aifab.magics.doctor import format_checks, run_checks, to_json
 
         checks = run_checks()
         print(to_json(checks) if "--json" in words else format_checks(checks))

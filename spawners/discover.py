@@ -7,12 +7,11 @@ reports, so a newcomer sees the Slurm placement without writing YAML.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 
-from .profiles import SLURM_NAME, format_walltime, parse_walltime
+from aifab import slurm
+from aifab.names import SLURM_NAME
+from aifab.walltime import format_walltime, parse_walltime
 
 SINFO_FORMAT = "%R|%G|%c|%m|%l"  # partition | gres | cpus/node | memory MB/node | time limit
 _GPU_GRES = re.compile(r"gpu(?::([A-Za-z0-9_-]+))?:(\d+)")
@@ -33,7 +32,7 @@ def profiles_from_sinfo(text: str) -> list[dict]:
         mem_gb = max(1, int(mem.rstrip("+")) // 1024) if mem.rstrip("+").isdigit() else 1
         try:
             max_wall = min(parse_walltime(limit), DEFAULT_MAX_WALLTIME)
-        except ValueError:  # "infinite", "UNLIMITED"
+        except ValueError:  # "infinite", "UNLIMITED": Slurm's own spellings of no limit
             max_wall = DEFAULT_MAX_WALLTIME
         slug = "slurm-" + re.sub(r"[^a-z0-9-]", "-", name.lower())[:30].strip("-")
         profiles[name] = {
@@ -56,13 +55,10 @@ def profiles_from_sinfo(text: str) -> list[dict]:
 
 def discover_slurm_profiles(timeout: float = 3) -> list[dict]:
     """One profile per partition of the Slurm this machine reaches; [] if there is none."""
-    sinfo = shutil.which("sinfo")
-    configured = os.environ.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf")
-    if not sinfo or not configured:
+    if not slurm.have_client():
         return []
     try:
-        out = subprocess.run([sinfo, "-h", "-o", SINFO_FORMAT], capture_output=True,
-                             text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
+        out = slurm.run(["sinfo", "-h", "-o", SINFO_FORMAT], timeout=timeout)
+    except slurm.SlurmError:
         return []
-    return profiles_from_sinfo(out.stdout) if out.returncode == 0 else []
+    return profiles_from_sinfo(out)

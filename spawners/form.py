@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from .profiles import IntRange, Profile, format_walltime
+from aifab.walltime import format_walltime
 
+from .profiles import IntRange, Profile
+
+# what the walltime input lets a browser submit: HH:MM:SS, D-HH:MM:SS or minutes, never the
+# two-field A:B that Slurm reads as MM:SS and people as HH:MM (the server refuses it too)
+WALLTIME_PATTERN = "([0-9]+-)?[0-9]+:[0-9]{2}:[0-9]{2}|[0-9]+"
 BACKEND_LABEL = {"local": "this machine", "slurm": "Slurm", "kubernetes": "Kubernetes"}
 
 
@@ -41,7 +46,8 @@ def _profile_block(p: Profile, checked: bool) -> str:
         wt = c.walltime
         rows.append(
             f'<label>Walltime <input name="{slug}--walltime" '
-            f'value="{format_walltime(wt.default)}" pattern="[0-9:-]+" size="10"> '
+            f'value="{format_walltime(wt.default)}" pattern="{WALLTIME_PATTERN}" '
+            f'title="HH:MM:SS, D-HH:MM:SS or a number of minutes" size="10"> '
             f'<small>up to {format_walltime(wt.max)} (HH:MM:SS)</small></label>'
         )
     if c.images:

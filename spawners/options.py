@@ -12,7 +12,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from .profiles import IntRange, Profile, format_walltime, parse_walltime
+from aifab.walltime import format_walltime, is_ambiguous, parse_walltime, readings
+
+from .profiles import IntRange, Profile
 
 OPTION_KEYS = ("profile", "gpus", "cpus", "memory_gb", "walltime", "image")
 _INT = re.compile(r"[0-9]{1,9}")
@@ -143,23 +145,27 @@ def _bounded(opts: Mapping, key: str, bounds: IntRange, profile: Profile, unit: 
 
 
 def _walltime(value, bounds: IntRange, profile: Profile) -> int:
+    """The user's walltime as Slurm reads it (a number is minutes, as in ``sbatch --time``).
+
+    The form offers HH:MM:SS; a two-field A:B is refused with both readings, since Slurm
+    reads it as MM:SS where people often mean HH:MM (earlier aifab read it so).
+    """
     allowed = (f"{format_walltime(bounds.min)} to {format_walltime(bounds.max)} "
                f"(default {format_walltime(bounds.default)})")
     if value is _ABSENT:
         return bounds.default
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value * 60  # a bare number is minutes, as in sbatch --time
-    elif isinstance(value, str) and _INT.fullmatch(value.strip()):
-        seconds = int(value.strip()) * 60
-    elif isinstance(value, str):
-        try:
-            seconds = parse_walltime(value)
-        except ValueError:
-            raise OptionsError("walltime", f"{_show(value)} is not a walltime like 01:30:00; "
-                                           f"allowed for profile {profile.slug!r}: "
-                                           f"{allowed}") from None
-    else:
-        raise OptionsError("walltime", f"{_show(value)} is not a walltime; allowed: {allowed}")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OptionsError("walltime", f"{_show(value)} is not a walltime; write HH:MM:SS or "
+                                       f"a number of minutes; allowed: {allowed}")
+    if is_ambiguous(value):
+        raise OptionsError("walltime", f"{_show(value)} is ambiguous: {readings(value)}; "
+                                       f"allowed for profile {profile.slug!r}: {allowed}")
+    try:
+        seconds = parse_walltime(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise OptionsError("walltime", f"{_show(value)} is not a walltime like 01:30:00 (or a "
+                                       f"number of minutes); allowed for profile "
+                                       f"{profile.slug!r}: {allowed}") from None
     if not bounds.min <= seconds <= bounds.max:
         raise OptionsError("walltime", f"{format_walltime(seconds)} is outside what profile "
                                        f"{profile.slug!r} allows: {allowed}")

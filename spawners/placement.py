@@ -9,7 +9,9 @@ hooks all reach the child: port callback, start/poll/stop, progress, state and t
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections.abc import Mapping
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import url_path_join
@@ -19,8 +21,9 @@ from traitlets import Any, Dict, List, Type, Unicode, default, observe
 
 from aifab.session import Session
 
+from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
 from .form import render_form
-from .options import OptionsError, Placement, options_from_form, validate_options
+from .options import OPTION_KEYS, OptionsError, Placement, options_from_form, validate_options
 from .port_api import install_port_handler
 from .profiles import Profile, ProfileConfigError, load_profiles, load_profiles_file
 
@@ -82,8 +85,23 @@ class PlacementSpawner(Spawner):
         help="Spawner for profiles with backend 'kubernetes' (a kubespawner.KubeSpawner).",
     ).tag(config=True)
 
+    # JupyterHub's Dict trait would refuse a REST body that is a list, a string or a number
+    # with a TraitError (HTTP 500) before any hook runs; apply_placement refuses it with 400
+    user_options = Any(
+        {}, allow_none=True,
+        help="The user's options as sent (form or REST body); checked by apply_placement.",
+    )
+
     child = Any(None, allow_none=True, help="The backend's spawner for the current session.")
     placement = Any(None, allow_none=True, help="The validated Placement of this session.")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        from .slurm import SlurmSessionSpawner
+
+        # batchspawner settings the Slurm backend would ignore: refused, not silently dropped
+        if issubclass(self.slurm_spawner_class, SlurmSessionSpawner):
+            check_config(self.config, slurm_sections(self.slurm_spawner_class))
 
     # ------------------------------------------------------------ profiles
     _profile_cache: list[Profile] | None = None
@@ -134,16 +152,32 @@ class PlacementSpawner(Spawner):
             raise web.HTTPError(500, f"the hub's profiles are misconfigured: {exc}") from None
         try:
             placement = validate_options(
-                user_options or {}, profiles, self.user.name, self._user_groups(),
+                _options_object(user_options), profiles, self.user.name, self._user_groups(),
                 bool(self.user.admin),
             )
         except OptionsError as exc:
+            self._forget_refused_options()
             # tornado %-formats the message: escape what came from the user
             raise web.HTTPError(400, str(exc).replace("%", "%%")) from None
         self.placement = placement
-        self.child = self._make_child(placement, self.profile(placement.profile))
+        try:
+            self.child = self._make_child(placement, self.profile(placement.profile))
+        except SlurmConfigError as exc:  # the admin's mistake, not the user's: not a 400
+            raise web.HTTPError(500, str(exc).replace("%", "%%")) from None
         self._validated_for_start = True
         return placement
+
+    def _forget_refused_options(self) -> None:
+        """JupyterHub stored the body as this server's default options before any hook ran;
+        a refused body is not kept, so a later start without a body gets the defaults."""
+        from sqlalchemy.orm import object_session
+
+        orm_spawner = self.orm_spawner
+        if orm_spawner is not None and orm_spawner.user_options is not None:
+            orm_spawner.user_options = None
+            session = object_session(orm_spawner)
+            if session is not None:
+                session.commit()
 
     # ------------------------------------------------------------ the child
     def _child_class(self, backend: str) -> type[Spawner]:
@@ -243,7 +277,9 @@ class PlacementSpawner(Spawner):
         self._listening_at = base
         client = AsyncHTTPClient()
         deadline = time.monotonic() + self.http_timeout
-        next_poll = time.monotonic() + 1
+        # the child's poll may run squeue: jittered, so sessions started together do not poll
+        # the controller in lock-step
+        next_poll = time.monotonic() + random.uniform(0.75, 1.25)
         while time.monotonic() < deadline:
             try:
                 await client.fetch(url, request_timeout=2, raise_error=False)
@@ -252,7 +288,7 @@ class PlacementSpawner(Spawner):
             except (OSError, HTTPClientError):  # not listening yet, or too busy to answer
                 pass
             if time.monotonic() > next_poll:
-                next_poll = time.monotonic() + 1
+                next_poll = time.monotonic() + random.uniform(0.75, 1.25)
                 if await self.child.poll() is not None:
                     return
             await asyncio.sleep(0.05)
@@ -320,3 +356,17 @@ class PlacementSpawner(Spawner):
         # the next start validates and builds afresh; a stopped spawner saves nothing stale
         self.child = None
         self.placement = None
+
+
+def _options_object(user_options) -> Mapping:
+    """The options as a mapping: None (no body) is no options; any other shape is refused."""
+    if user_options is None:
+        return {}
+    if not isinstance(user_options, Mapping):
+        kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number",
+                float: "a number"}.get(type(user_options), type(user_options).__name__)
+        raise OptionsError(
+            "user_options", f"the request body must be a JSON object such as "
+                            f'{{"profile": "...", "gpus": 1}}, not {kind}; allowed keys: '
+                            f"{', '.join(OPTION_KEYS)}")
+    return user_options

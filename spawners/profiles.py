@@ -12,17 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aifab.names import SLURM_NAME, SLURM_NAME_RULE
+from aifab.walltime import format_walltime, is_ambiguous, parse_walltime, readings
+
+__all__ = ["format_walltime", "parse_walltime"]  # re-exported: the one parser is aifab.walltime
+
 BACKENDS = ("local", "slurm", "kubernetes")
 SLUG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
-# Slurm names (partition, account, QoS, reservation): letters, digits, . _ -
-SLURM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Slurm constraint expressions: features joined by & | , with optional brackets and counts
 SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.&|,\[\]()*:-]{1,128}")
 GRES_TYPE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 K8S_RESOURCE = re.compile(r"(?:[a-z0-9.-]+/)?[A-Za-z0-9_.-]{1,63}")
 IMAGE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-WALLTIME = re.compile(r"(?:(\d{1,2})-)?(\d{1,3}):([0-5]\d)(?::([0-5]\d))?")
 
 CACHE_PATH = re.compile(r"/[A-Za-z0-9_./-]{0,1000}")
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
@@ -122,20 +124,6 @@ class Profile:
         if admin or not (self.allowed_users or self.allowed_groups):
             return True
         return username in self.allowed_users or bool(self.allowed_groups.intersection(groups))
-
-
-def parse_walltime(value: str) -> int:
-    """'[D-]HH:MM[:SS]' -> seconds (Slurm's own spelling). Raises ValueError."""
-    m = WALLTIME.fullmatch(str(value).strip())
-    if not m:
-        raise ValueError(f"{value!r} is not a walltime like 01:30:00 or 2-00:00:00")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-def format_walltime(seconds: int) -> str:
-    """Seconds -> Slurm's 'HH:MM:SS' (hours may exceed 24)."""
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def load_profiles(raw: Sequence[Mapping]) -> list[Profile]:
@@ -264,10 +252,7 @@ def _choices(raw: Mapping, err) -> Choices:
     if wt is not None:
         if not isinstance(wt, Mapping) or set(wt) - {"default", "min", "max"}:
             raise err("choices.walltime", "expected {default: HH:MM:SS, max: HH:MM:SS}")
-        try:
-            secs = {k: parse_walltime(v) for k, v in wt.items()}
-        except ValueError as exc:
-            raise err("choices.walltime", str(exc)) from exc
+        secs = {k: _profile_walltime(v, f"choices.walltime.{k}", err) for k, v in wt.items()}
         secs.setdefault("max", secs.get("default", 3600))
         secs.setdefault("default", secs["max"])
         secs.setdefault("min", min(60, secs["default"]))
@@ -300,6 +285,21 @@ def _choices(raw: Mapping, err) -> Choices:
     )
 
 
+def _profile_walltime(value, fieldname: str, err) -> int:
+    """A profile's walltime as Slurm reads it, refusing what an admin may have meant otherwise:
+    a two-field A:B (older aifab read it as HH:MM, Slurm reads MM:SS) and a YAML number
+    (unquoted 12:00:00 is YAML's base-60 number 43200)."""
+    if not isinstance(value, str):
+        raise err(fieldname, f"{value!r}: write the walltime as a quoted string, e.g. "
+                             '"12:00:00" (YAML reads an unquoted 12:00:00 as a number)')
+    if is_ambiguous(value):
+        raise err(fieldname, f"{readings(value)} (write HH:MM:SS in a profile)")
+    try:
+        return parse_walltime(value)
+    except ValueError as exc:
+        raise err(fieldname, str(exc)) from None
+
+
 def _slurm(raw: Mapping, err) -> SlurmSettings:
     if not isinstance(raw, Mapping):
         raise err("slurm", "expected a mapping")
@@ -311,7 +311,7 @@ def _slurm(raw: Mapping, err) -> SlurmSettings:
     for key in ("partition", "account", "qos", "reservation"):
         v = raw.get(key, "")
         if v and (not isinstance(v, str) or not SLURM_NAME.fullmatch(v)):
-            raise err(f"slurm.{key}", f"{v!r} is not a Slurm name (letters, digits, . _ -)")
+            raise err(f"slurm.{key}", f"{v!r} is not {SLURM_NAME_RULE}")
         out[key] = v or ""
     c = raw.get("constraint", "")
     if c and (not isinstance(c, str) or not SLURM_CONSTRAINT.fullmatch(c)):

@@ -7,38 +7,51 @@ squeue, learn the port from the job) and replace the parts the field has learned
   strings, with the user name in them);
 * the batch script is a pure function of the *validated* placement (batchspawner merges
   ``user_options`` into the template variables, so a REST caller could set the prologue);
-* the start-up wait backs off from 0.1 s instead of polling at a fixed 0.5 s, and progress
-  says why a job waits (Slurm's reason: Resources, Priority, ...).
+* the start-up and stop waits back off with jitter from 0.1 s (jupyterhub's
+  exponential_backoff) instead of polling in lock-step at a fixed 0.5 s, and progress says
+  why a job waits (Slurm's reason: Resources, Priority, ...);
+* batchspawner's settings that this spawner would ignore (``req_*``, ``batch_script``, the
+  command strings, the state regexes) are refused when set (see batchspawner_settings).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import pwd
+import random
 import re
 import shlex
 import time
 
 from batchspawner import SlurmSpawner
 from batchspawner.batchspawner import JobStatus
+from jupyterhub.utils import exponential_backoff
 from traitlets import Float, List, Unicode, default
 
-from .options import Placement
-from .profiles import SlurmSettings, format_walltime
+from aifab import slurm
+from aifab.names import ENV_NAME, HOSTNAME, SLURM_JOB_ID
+from aifab.walltime import format_walltime
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-JOB_ID = re.compile(r"[0-9]{1,12}")
+from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
+from .options import Placement
+from .profiles import SlurmSettings
+
 # "%T %r %B": state, reason, batch host. Host is "n/a"/"(null)" while pending.
 SQUEUE_FORMAT = "%T %r %B"
 SESSION_COMMENT = "aifab-session"
+# squeue's long state names (what %T prints)
+PENDING_STATES = re.compile(r"^(?:PENDING|CONFIGURING)\b")
+RUNNING_STATES = re.compile(r"^(?:RUNNING|COMPLETING)\b")
+# what squeue says when the controller does not answer: the job may well be running
+CONTROLLER_TROUBLE = re.compile(r"^slurm_load_jobs error: (?:Socket timed out on send/recv|"
+                                r"Unable to contact slurm controller)")
+STOP_WAIT_S = 10
 
+# the error every Slurm command raises (the old name, kept for code that imports it)
+SlurmCommandError = slurm.SlurmError
 
-class SlurmCommandError(RuntimeError):
-    def __init__(self, argv: list[str], returncode: int | None, stdout: str, stderr: str):
-        what = "timed out" if returncode is None else f"exited {returncode}"
-        super().__init__(f"{shlex.join(argv)} {what}: {(stderr or stdout).strip()[-500:]}")
-        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
+__all__ = ["SlurmCommandError", "SlurmConfigError", "SlurmSessionSpawner",
+           "configure_slurm_child", "gres_for", "render_batch_script"]
 
 
 def gres_for(gpus: int, settings: SlurmSettings) -> str:
@@ -150,28 +163,22 @@ class SlurmSessionSpawner(SlurmSpawner):
         # aifab/singleuser.py); any batchspawner-compatible wrapper works here
         return "aifab-singleuser"
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # batchspawner's req_*, batch_script, command strings: set, but ignored here
+        check_config(self.config, slurm_sections(type(self)))
+
     # ------------------------------------------------------------ the one choke point
     async def _call(self, argv: list[str], stdin: str | None = None,
                     env: dict | None = None) -> str:
-        full = [a.replace("{username}", self.user.name) for a in self.submit_prefix] + argv
-        if env is None:
-            # never the hub's own environment (its secrets) in a process the user owns
-            env = {k: os.environ[k] for k in ("PATH", "LANG", "SLURM_CONF") if k in os.environ}
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env,
-        )
-        try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin else None), self.command_timeout
-            )
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SlurmCommandError(full, None, "", "") from None
-        if proc.returncode != 0:
-            raise SlurmCommandError(full, proc.returncode, out.decode(), err.decode())
-        return out.decode().strip()
+        """A Slurm command as the user (``submit_prefix``), through :func:`aifab.slurm.arun`.
+
+        ``env`` is what the job gets (sbatch --export names it), on top of what a Slurm
+        client needs to find its cluster; never the hub's own environment (its secrets).
+        """
+        prefix = [a.replace("{username}", self.user.name) for a in self.submit_prefix]
+        return await slurm.arun(argv, stdin=stdin, timeout=self.command_timeout,
+                                env=slurm.minimal_env(env), prefix=prefix)
 
     # ------------------------------------------------------------ batchspawner's hooks
     def _homedir(self) -> str:
@@ -206,7 +213,7 @@ class SlurmSessionSpawner(SlurmSpawner):
         # (--export names them), so no token is ever written into the script or a log.
         out = await self._call(["sbatch", "--parsable"], stdin=script, env=env)
         job_id = out.splitlines()[-1].split(";")[0] if out else ""
-        if not JOB_ID.fullmatch(job_id):
+        if not SLURM_JOB_ID.fullmatch(job_id):
             raise RuntimeError(f"sbatch printed no job id: {out!r}")
         self.job_id = job_id
         self.log.info("Submitted Slurm job %s for %s", job_id, self._log_name)
@@ -220,8 +227,9 @@ class SlurmSessionSpawner(SlurmSpawner):
             self.job_status = await self._call(
                 ["squeue", "-h", "-j", self.job_id, "-o", SQUEUE_FORMAT]
             )
-        except SlurmCommandError as exc:
-            if exc.returncode is None:  # squeue timed out: we know nothing, the job may run
+        except slurm.SlurmError as exc:
+            if exc.timed_out or exc.returncode == 127:
+                # squeue timed out or is missing: we know nothing, the job may run
                 self.job_status = ""
                 return JobStatus.UNKNOWN
             # "Invalid job id specified" once the job is gone; controller trouble is UNKNOWN
@@ -243,8 +251,18 @@ class SlurmSessionSpawner(SlurmSpawner):
         """scancel before forgetting a job (it may still be listed, or about to start)."""
         try:
             await self.cancel_batch_job()
-        except SlurmCommandError as exc:
+        except slurm.SlurmError as exc:
             self.log.info("scancel of job %s: %s", self.job_id, exc)
+
+    # squeue's answer, read by aifab (batchspawner's state_*_re settings are refused)
+    def state_ispending(self) -> bool:
+        return bool(PENDING_STATES.match(self.job_status))
+
+    def state_isrunning(self) -> bool:
+        return bool(RUNNING_STATES.match(self.job_status))
+
+    def state_isunknown(self) -> bool:
+        return bool(CONTROLLER_TROUBLE.match(self.job_status))
 
     def job_reason(self) -> str:
         parts = self.job_status.split()
@@ -257,11 +275,11 @@ class SlurmSessionSpawner(SlurmSpawner):
         if self.server:
             self.server.port = 0
         await self.submit_batch_script()
-        interval = self.startup_poll_interval
-        while True:
+
+        async def running() -> bool:
             status = await self.query_job_status()
             if status == JobStatus.RUNNING:
-                break
+                return True
             if status not in (JobStatus.PENDING, JobStatus.UNKNOWN):
                 job, last = self.job_id, self.job_status
                 await self._cancel_quietly()
@@ -270,14 +288,22 @@ class SlurmSessionSpawner(SlurmSpawner):
                     f"Slurm job {job} ended before the server started ({last or 'gone'}); "
                     "see the job's log file"
                 )
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
+            return False
+
+        # squeue with full jitter, from startup_poll_interval up to 2 s: a hundred sessions
+        # started together do not poll the controller in lock-step. The hub cancels this
+        # start at start_timeout; the backoff's own deadline is only a backstop.
+        await exponential_backoff(
+            running, f"Slurm job {self.job_id} did not start within {self.start_timeout} s",
+            start_wait=self.startup_poll_interval, scale_factor=1.5, max_wait=2.0,
+            timeout=self.start_timeout + 60,
+        )
         self.ip = self.state_gethost()
-        last_check = time.monotonic()
+        next_check = time.monotonic() + random.uniform(1.5, 2.5)
         while self.port == 0:  # the job reports its port through the hub API
             await asyncio.sleep(0.05)
-            if time.monotonic() - last_check > 2:
-                last_check = time.monotonic()
+            if time.monotonic() > next_check:
+                next_check = time.monotonic() + random.uniform(1.5, 2.5)
                 if await self.query_job_status() not in (JobStatus.RUNNING, JobStatus.UNKNOWN):
                     job = self.job_id
                     await self._cancel_quietly()
@@ -316,18 +342,22 @@ class SlurmSessionSpawner(SlurmSpawner):
         await self.cancel_batch_job()
         if now:
             return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if await self.query_job_status() not in (JobStatus.RUNNING, JobStatus.UNKNOWN,
-                                                     JobStatus.PENDING):
-                return
-            await asyncio.sleep(0.2)
-        self.log.warning("Slurm job %s still listed 10 s after scancel", self.job_id)
+
+        async def gone() -> bool:
+            return await self.query_job_status() not in (
+                JobStatus.RUNNING, JobStatus.UNKNOWN, JobStatus.PENDING)
+
+        try:
+            await exponential_backoff(gone, "still listed", start_wait=0.2, scale_factor=1.5,
+                                      max_wait=2.0, timeout=STOP_WAIT_S)
+        except asyncio.TimeoutError:
+            self.log.warning("Slurm job %s still listed %s s after scancel", self.job_id,
+                             STOP_WAIT_S)
 
     def state_gethost(self):
         parts = self.job_status.split()
         host = parts[-1] if len(parts) >= 3 else ""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", host):
+        if not HOSTNAME.fullmatch(host):
             raise RuntimeError(f"cannot read the job's node from squeue: {self.job_status!r}")
         return host
 

@@ -103,7 +103,7 @@ def test_user() -> pwd.struct_passwd:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from aifab.tiny_model import build_cached
+    from aifab.magics.tiny_model import build_cached
 
     cache = Path(os.environ.get("AIFAB_TEST_CACHE", REPO / ".cache")) / "tiny-model"
     return build_cached(cache)

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from aifab import cluster_jobs
-from aifab.dask_cluster import ClusterOptionError, slurm_settings, wait_for_workers
+from aifab.extension import dask_jobs
+from aifab.magics.dask_cluster import ClusterOptionError, slurm_settings, wait_for_workers
 from aifab.session import Session
 from tests.harness.jupyter import JupyterServer
 
@@ -34,13 +34,13 @@ def slurm_session(slurm, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AIFAB_WALLTIME_END", str(int(time.time()) + 3 * 3600))
     yield slurm
-    leftovers = [r["job_id"] for r in slurm.squeue() if r["name"] == cluster_jobs.JOB_NAME]
+    leftovers = [r["job_id"] for r in slurm.squeue() if r["name"] == dask_jobs.JOB_NAME]
     if leftovers:
         slurm.run("scancel", *leftovers, check=False)
 
 
 def dask_jobs(slurm) -> list[dict]:
-    return [r for r in slurm.squeue() if r["name"] == cluster_jobs.JOB_NAME]
+    return [r for r in slurm.squeue() if r["name"] == dask_jobs.JOB_NAME]
 
 
 def wait(predicate, timeout: float, what: str):
@@ -64,7 +64,7 @@ def test_job_settings_come_from_the_session_and_bad_options_are_refused():
     assert s["walltime"] == "00:58:00"
     assert s["job_name"] == "aifab-dask" and s["security"] is True
     comment = next(d for d in s["job_extra_directives"] if d.startswith("--comment="))
-    assert f"session={cluster_jobs.session_key()}" in comment
+    assert f"session={dask_jobs.session_key()}" in comment
     assert f":{os.getpid()}:" in comment
     assert not any(d.startswith("--gres") for d in s["job_extra_directives"])  # CPU workers
     assert "--gres=gpu:2" in slurm_settings(session, {"gpus_per_worker": 2},
@@ -106,7 +106,7 @@ def test_worker_jobs_get_no_secrets_gpus_or_session_job_variables():
            "MINIO_KEY": "k", "DB_PASSWORD": "p", "HF_TOKEN": "h", "CUDA_VISIBLE_DEVICES": "0,1",
            "SLURM_JOB_ID": "7", "SLURM_MEM_PER_NODE": "1000", "SBATCH_PARTITION": "gh200",
            "KEYCLOAK_URL": "https://id", "MONKEY": "fine"}
-    assert cluster_jobs.submit_env(env) == {
+    assert dask_jobs.submit_env(env) == {
         "PATH": "/usr/bin", "HOME": "/home/ada", "SLURM_CONF": "/etc/slurm/slurm.conf",
         "KEYCLOAK_URL": "https://id", "MONKEY": "fine"}
 
@@ -224,7 +224,7 @@ def test_adapt_with_two_processes_per_job_settles_on_whole_jobs(slurm_session):
 # ------------------------------------------------------------------ no orphans
 KERNEL_CODE = textwrap.dedent("""
     import aifab
-    from aifab.dask_cluster import wait_for_workers
+    from aifab.magics.dask_cluster import wait_for_workers
     cluster = aifab.cluster(workers=2, cores=1, memory="1GiB")
     wait_for_workers(cluster, 2, timeout=90)
     print("workers", len(cluster.scheduler_info["workers"]))
@@ -263,10 +263,10 @@ def test_kernel_end_cancels_its_worker_jobs(slurm_session, how):
         km.cleanup_resources()
 
 
-def _sbatch_tagged(slurm, session: str, kernel: cluster_jobs.KernelRef) -> str:
+def _sbatch_tagged(slurm, session: str, kernel: dask_jobs.KernelRef) -> str:
     return slurm.run(
-        "sbatch", "--parsable", "-p", "debug", "-J", cluster_jobs.JOB_NAME,
-        f"--comment={cluster_jobs.comment(session, kernel)}", "-c", "1",
+        "sbatch", "--parsable", "-p", "debug", "-J", dask_jobs.JOB_NAME,
+        f"--comment={dask_jobs.comment(session, kernel)}", "-c", "1",
         "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
 
 
@@ -274,14 +274,14 @@ def test_session_start_sweeps_dead_kernels_jobs_and_session_end_cancels_the_rest
         slurm_session, tmp_path):
     slurm = slurm_session
     env = {**SESSION_ENV, "JUPYTERHUB_USER": "sweep-tester"}
-    session = cluster_jobs.session_key(env)
+    session = dask_jobs.session_key(env)
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead_ref = cluster_jobs.KernelRef(host, dead.pid, cluster_jobs.process_start(dead.pid))
+    dead_ref = dask_jobs.KernelRef(host, dead.pid, dask_jobs.process_start(dead.pid))
     dead.wait()
     live = subprocess.Popen(["sleep", "600"])
-    live_ref = cluster_jobs.KernelRef(host, live.pid, cluster_jobs.process_start(live.pid))
-    other = cluster_jobs.session_key({"JUPYTERHUB_USER": "someone-else"})
+    live_ref = dask_jobs.KernelRef(host, live.pid, dask_jobs.process_start(live.pid))
+    other = dask_jobs.session_key({"JUPYTERHUB_USER": "someone-else"})
     try:
         orphan = _sbatch_tagged(slurm, session, dead_ref)
         kept = _sbatch_tagged(slurm, session, live_ref)

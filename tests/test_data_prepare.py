@@ -1,4 +1,4 @@
-"""aifab.data.prepare: a few thousand records (JSONL and parquet, with bad ones) prepared in one
+"""aifab.magics.data.prepare: a few thousand records (JSONL and parquet, with bad ones) prepared in one
 process and on 2 dask workers on the real Slurm fixture give the same bytes; bad records are
 reported with file and line; the trainer behind %finetune reads the output as it is."""
 
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aifab.data import PrepareError, prepare
+from aifab.magics.data import PrepareError, prepare
 
 SEQ_LEN = 128
 
@@ -97,7 +97,7 @@ def test_two_slurm_workers_give_the_single_process_bytes(raw, single, tiny_model
     for k, v in {"AIFAB_BACKEND": "slurm", "AIFAB_SLURM_PARTITION": "debug",
                  "AIFAB_DASK_INTERFACE": "lo"}.items():
         monkeypatch.setenv(k, v)
-    from aifab.dask_cluster import wait_for_workers
+    from aifab.magics.dask_cluster import wait_for_workers
 
     cluster = aifab.cluster(workers=2, cores=1, memory="2GiB")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
-from aifab.examples import write_ping_pong
+from aifab.magics.examples import write_ping_pong
 from tests.harness.jupyter import JupyterServer
 
 
@@ -208,7 +208,7 @@ def test_sigusr1_checkpoints_and_stops_then_resume_finishes(jupyter, shell, tiny
     ckpt = Path(opts["output"]) / "checkpoints" / f"checkpoint-{stopped['step']}"
     assert (ckpt / "aifab-complete").is_file()  # not the 1000-step schedule: right now
 
-    with pytest.raises(aifab.finetuning.FineTuneError, match="changed: lora_r 8 -> 16"):
+    with pytest.raises(aifab.magics.finetuning.FineTuneError, match="changed: lora_r 8 -> 16"):
         aifab.finetune(str(tiny_model), str(data), name="sig", resume=True, lora_r=16, **opts)
     opts["max_steps"] = stopped["step"] + 10
     resumed = aifab.finetune(str(tiny_model), str(data), name="sig", resume=True, **opts)

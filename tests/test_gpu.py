@@ -21,7 +21,7 @@ def test_pinning_on_real_gpus():
 
 
 def test_lora_finetune_on_a_gpu(tiny_model, tmp_path):
-    from aifab.examples import write_ping_pong
+    from aifab.magics.examples import write_ping_pong
 
     data = write_ping_pong(tmp_path / "ping.jsonl")
     r = subprocess.run([sys.executable, "-m", "aifab.extension.trainer", "--model",

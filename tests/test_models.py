@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from aifab import models
-from aifab.finetuning import FineTuneError, FineTuneOptions, check_options
+from aifab.api import BadRequest, FineTuneOptions
+from aifab.extension.kinds.finetune import check_options
 
 
 def test_names_resolve_in_the_cache_and_nothing_else_changes(tmp_path, monkeypatch, tiny_model):
@@ -26,7 +27,7 @@ def test_names_resolve_in_the_cache_and_nothing_else_changes(tmp_path, monkeypat
     opts = check_options(FineTuneOptions(model="tiny-llama", data=str(data),
                                          output=str(tmp_path / "out")))
     assert opts.model == str(cache / "tiny-llama")
-    with pytest.raises(FineTuneError, match="the shared model cache has: tiny-llama"):
+    with pytest.raises(BadRequest, match="the shared model cache has: tiny-llama"):
         check_options(FineTuneOptions(model="llama-3", data=str(data)))
 
 

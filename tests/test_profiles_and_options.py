@@ -16,8 +16,7 @@ from aifab.spawners import (
     options_from_form,
     validate_options,
 )
-from aifab.spawners.form import render_form
-from aifab.spawners.profiles import format_walltime, parse_walltime
+from aifab.spawners.form import WALLTIME_PATTERN, render_form
 from aifab.spawners.slurm import render_batch_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +35,12 @@ BASE = {"slug": "gpu", "backend": "slurm", "choices": {"gpus": {"default": 1, "m
     ({"colour": "red"}, "field 'colour': unknown field"),
     ({"choices": {"gpus": {"default": 5, "min": 0, "max": 4}}}, "min <= default <= max"),
     ({"choices": {"gpus": {"default": -1, "min": -1, "max": 4}}}, "choices.gpus.default"),
-    ({"choices": {"walltime": {"default": "1 hour"}}}, "field 'choices.walltime'"),
+    ({"choices": {"walltime": {"default": "1 hour"}}}, "field 'choices.walltime.default'"),
+    # Slurm reads A:B as MM:SS; an older profile meant HH:MM: refused, both readings shown
+    ({"choices": {"walltime": {"max": "01:30"}}},
+     "01:30 is 1 min 30 s to Slurm (MM:SS); if you meant 1 h 30 min write 01:30:00"),
+    # YAML reads an unquoted 12:00:00 as the base-60 number 43200
+    ({"choices": {"walltime": {"max": 43200}}}, "as a quoted string"),
     ({"choices": {"ram": 4}}, "field 'choices.ram': unknown choice"),
     ({"slurm": {"partition": "gh200\n#SBATCH --uid=0"}}, "field 'slurm.partition'"),
     ({"slurm": {"prologue": "#SBATCH --exclusive"}}, "field 'slurm.prologue'"),
@@ -133,9 +137,20 @@ def test_everything_inside_the_bounds_is_accepted(gpus, cpus, mem, minutes):
     assert (p.gpus, p.cpus, p.memory_gb, p.walltime_s) == (gpus, cpus, mem, minutes * 60)
 
 
-@given(st.integers(0, 10**6))
-def test_walltime_spelling_round_trips(seconds):
-    assert parse_walltime(format_walltime(seconds)) == seconds
+@pytest.mark.parametrize("walltime, seconds", [
+    ("90", 5400), (90, 5400), ("01:30:00", 5400), ("1-12", 129600), ("0-01:30", 5400),
+    ("1-00:00:00", 86400),
+])
+def test_a_user_walltime_means_what_it_means_to_slurm(walltime, seconds):
+    alps = load_profiles([{**BASE, "choices": {"walltime": {"max": "2-00:00:00"}}}])
+    assert validate_options({"walltime": walltime}, alps, "ada").walltime_s == seconds
+
+
+def test_a_two_field_user_walltime_is_refused_with_both_readings():
+    with pytest.raises(OptionsError) as exc:
+        validate_options({"walltime": "01:30"}, ALPS, "ada")
+    assert exc.value.field == "walltime"
+    assert "1 min 30 s to Slurm" in str(exc.value) and "write 01:30:00" in str(exc.value)
 
 
 # ---------------------------------------------------------------- form
@@ -145,6 +160,7 @@ def test_form_works_without_javascript_and_shows_the_limits():
     assert 'name="profile" value="gh200" checked' in html
     assert 'name="gh200--gpus" value="1" min="0" max="4"' in html
     assert "up to 12:00:00" in html and "Workshop" not in html
+    assert f'name="gh200--walltime" value="01:00:00" pattern="{WALLTIME_PATTERN}"' in html
     fields = {"profile": ["k8s-cpu"], "k8s-cpu--cpus": ["4"], "gh200--gpus": ["3"]}
     assert options_from_form(fields) == {"profile": "k8s-cpu", "cpus": "4"}
 
@@ -175,7 +191,20 @@ def test_batch_script_is_rendered_from_the_placement_only():
     assert lines[-1] == "exec /opt/bin/batchspawner-singleuser jupyterhub-singleuser '--arg=a b'"
     assert "export AIFAB_WALLTIME_END=$(( $(date +%s) + 7200 ))" in lines
     assert "#SBATCH --signal=B:USR1@300" in lines
-    assert sum(line.startswith("#SBATCH") for line in lines) == 12
+    assert [line for line in lines if line.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=aifab-ada",
+        "#SBATCH --output=/home/ada/x.log",
+        "#SBATCH --chdir=/home/ada",
+        "#SBATCH --export=JUPYTERHUB_API_TOKEN,PATH",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --mem=64G",
+        "#SBATCH --comment=aifab-session",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --gres=gpu:gh200:2",
+        "#SBATCH --partition=gh200",
+        "#SBATCH --account=a-aifab",
+    ]
     assert "ulimit -c 0" in lines
     # where the session runs, for the jobs it submits itself (dask workers)
     assert "export AIFAB_SLURM_PARTITION=gh200" in lines

@@ -1,32 +1,31 @@
 """Session services in a real Jupyter server, without vLLM where vLLM adds nothing: the GPU
 ledger, the authenticated proxy, failures, restarts and shutdown, with small real services
-(Python's http.server)."""
+(the test kind ``tests.probe_kind``: http.server, a process tree), and the refusal of every
+request that would bring its own program."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import pytest
 
 from tests.harness.jupyter import JupyterServer, group_alive
 
-HTTP_SERVER = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
-
-
 @pytest.fixture
 def server(tmp_path):
     srv = JupyterServer(tmp_path, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3",
-                                       "AIFAB_BACKEND": "slurm", "AIFAB_GPUS": "4"})
+                                       "AIFAB_BACKEND": "slurm", "AIFAB_GPUS": "4"},
+                        probe_kind=True)
     srv.start()
     yield srv
     srv.stop()
 
 
-def create(server, name: str, gpus=None, argv=HTTP_SERVER):
+def create(server, name: str, gpus=None, behaviour="http", **fields):
     return server.request("POST", "aifab/api/services",
-                          json={"kind": "command", "name": name, "argv": argv, "gpus": gpus})
+                          json={"kind": "probe", "name": name, "behaviour": behaviour,
+                                "gpus": gpus, **fields})
 
 
 def test_ledger_gives_disjoint_gpus_and_names_the_holders_when_full(server):
@@ -50,8 +49,7 @@ def test_ledger_gives_disjoint_gpus_and_names_the_holders_when_full(server):
 
 def test_the_service_sees_exactly_its_gpus(server, tmp_path):
     out = tmp_path / "cvd.txt"
-    argv = ["/bin/sh", "-c", f'echo "$CUDA_VISIBLE_DEVICES" > {out}; exec sleep 60']
-    assert create(server, "pinned", "1,3", argv).status_code == 201
+    assert create(server, "pinned", "1,3", "gpus-to-file", out=str(out)).status_code == 201
     server.wait_service("pinned", "starting", 5)
     for _ in range(50):
         if out.exists() and out.read_text().strip():
@@ -63,15 +61,24 @@ def test_the_service_sees_exactly_its_gpus(server, tmp_path):
 
 
 @pytest.mark.parametrize("spec, status, message", [
-    ({"kind": "command", "name": "Bad Name", "argv": ["true"]}, 400, "lowercase letters"),
-    ({"kind": "shell", "name": "x"}, 400, "allowed are vllm, command"),
-    ({"kind": "command", "name": "x", "argv": ["true"], "gpus": 5}, 400,
+    ({"kind": "probe", "name": "Bad Name"}, 400, "lowercase letters"),
+    ({"kind": "shell", "name": "x"}, 400, "allowed are vllm, finetune, probe"),
+    # no request brings its own program: the generic "command" kind is gone, and argv is
+    # not a field of any kind
+    ({"kind": "command", "name": "x", "argv": ["/bin/sh", "-c", "id"]}, 400,
+     "kind 'command': allowed are vllm, finetune, probe"),
+    ({"kind": "vllm", "name": "m", "model": "/no/such/model", "argv": ["id"]}, 400,
+     "'argv': not a field of a vllm service"),
+    ({"kind": "finetune", "name": "r", "model": "m", "data": "d", "argv": ["id"]}, 400,
+     "'argv': not a field of a finetune service"),
+    ({"kind": "probe", "name": "x", "gpus": 5}, 400,
      "5 GPU(s) requested but this session has 4"),
-    ({"kind": "command", "name": "x", "argv": ["true"], "gpus": "7,8"}, 400,
+    ({"kind": "probe", "name": "x", "gpus": "7,8"}, 400,
      "GPU 7 is not one of this session's GPUs"),
     ({"kind": "vllm", "name": "m", "model": "/no/such/model"}, 400, "no such model directory"),
     ({"kind": "vllm", "name": "m", "model": "not a model"}, 400, "not a directory"),
-    ({"kind": "command", "name": "x", "argv": "rm -rf /"}, 400, "argv: a non-empty list"),
+    (["kind", "vllm"], 400, "expected a JSON object"),
+    ("vllm", 400, "expected a JSON object"),
 ])
 def test_bad_requests_are_refused_before_anything_starts(server, spec, status, message):
     r = server.request("POST", "aifab/api/services", json=spec)
@@ -87,7 +94,7 @@ def test_duplicate_name_is_refused(server):
 
 
 def test_proxy_needs_jupyter_auth_and_adds_the_service_key(server):
-    assert create(server, "web", argv=[sys.executable, "-c", ECHO_AUTH]).status_code == 201
+    assert create(server, "web", behaviour="echo-auth").status_code == 201
     server.wait_service("web", "ready", 20)
     ok = server.get(f"aifab/proxy/web/anything?x=1&token={server.token}",
                     headers={"Cookie": "session=secret"})
@@ -99,19 +106,6 @@ def test_proxy_needs_jupyter_auth_and_adds_the_service_key(server):
     assert server.get("aifab/proxy/web/anything", token=None).status_code == 403
     assert server.get("aifab/proxy/web/anything", token="wrong").status_code == 403
     assert server.get("aifab/proxy/nosuch/x").status_code == 404
-
-
-ECHO_AUTH = """
-import http.server, json, os
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"authorization": self.headers.get("Authorization"),
-                           "cookie": self.headers.get("Cookie"), "path": self.path}).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-http.server.HTTPServer(("127.0.0.1", int(os.environ["AIFAB_SERVICE_PORT"])), H).serve_forever()
-"""
 
 
 def test_kill_9_marks_the_service_failed_and_frees_its_gpus(server):
@@ -126,14 +120,14 @@ def test_kill_9_marks_the_service_failed_and_frees_its_gpus(server):
 
 def test_a_restarted_server_finds_its_services_and_shutdown_ends_them(tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": "0,1"}
-    first = JupyterServer(tmp_path, env=env)
+    first = JupyterServer(tmp_path, env=env, probe_kind=True)
     first.start()
     svc = create(first, "web", 1).json()
     first.wait_service("web", "ready", 20)
     first.crash()  # the server dies; its service lives on
     assert group_alive(svc["pid"])
 
-    second = JupyterServer(tmp_path, env=env)
+    second = JupyterServer(tmp_path, env=env, probe_kind=True)
     second.start()
     try:
         found = second.get("aifab/api/services/web").json()
@@ -146,8 +140,7 @@ def test_a_restarted_server_finds_its_services_and_shutdown_ends_them(tmp_path):
 
 
 def test_delete_ends_the_whole_process_group(server):
-    argv = ["/bin/sh", "-c", "sleep 300 & sleep 300 & wait"]
-    svc = create(server, "tree", argv=argv).json()
+    svc = create(server, "tree", behaviour="tree").json()
     server.wait_service("tree", "starting", 5)
     assert group_alive(svc["pid"])
     r = server.request("DELETE", "aifab/api/services/tree")
@@ -158,7 +151,7 @@ def test_delete_ends_the_whole_process_group(server):
 def test_gpu_numbers_are_positions_in_the_sessions_list(tmp_path):
     """Slurm may give a session GPUs 2,3: --gpus 0, (a list; a lone number is a count) means
     the session's first, i.e. GPU 2."""
-    srv = JupyterServer(tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    srv = JupyterServer(tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"}, probe_kind=True)
     srv.start()
     try:
         assert create(srv, "first", "0,").json()["gpus"] == ["2"]
@@ -170,7 +163,8 @@ def test_gpu_numbers_are_positions_in_the_sessions_list(tmp_path):
 
 
 def test_a_second_server_of_the_same_session_is_refused(server, tmp_path):
-    twin = JupyterServer(server.root, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    twin = JupyterServer(server.root, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+                         probe_kind=True)
     twin.root = tmp_path  # its own log, the same state directory
     twin.log_path = tmp_path / "twin.log"
     twin.start()
@@ -181,3 +175,33 @@ def test_a_second_server_of_the_same_session_is_refused(server, tmp_path):
         assert server.get("aifab/api/services").status_code == 200
     finally:
         twin.stop()
+
+
+def test_a_bad_fine_tune_request_gets_the_same_message_over_rest_as_in_the_kernel(
+        server, tmp_path, monkeypatch):
+    """The server checks fine-tune options, whoever sends them: the REST answer and
+    aifab.finetune()'s refusal are the same message."""
+    from aifab.magics.finetuning import FineTuneError, finetune
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"text": "ok"}\n')
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    cases = [(good, {"lr": "fast"}, "lr='fast': expected a number"),
+             (good, {"batch_size": 0}, "batch_size=0: an integer >= 1"),
+             (good, {"method": "qlora"}, "method 'qlora': lora or full"),
+             (bad, {}, f"{bad}:2: a record needs 'messages' (chat) or 'text'; it has: txt")]
+    monkeypatch.setenv("AIFAB_SERVER_URL", server.url)
+    monkeypatch.setenv("AIFAB_SERVER_TOKEN", server.token)
+    for data, options, message in cases:
+        body = {"kind": "finetune", "name": "run", "model": str(model), "data": str(data),
+                **options}
+        r = server.request("POST", "aifab/api/services", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == message
+        with pytest.raises(FineTuneError) as kernel:
+            finetune(str(model), str(data), name="run", **options)
+        assert str(kernel.value) == message
+    assert server.get("aifab/api/services").json() == []

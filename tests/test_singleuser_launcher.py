@@ -7,7 +7,7 @@ import sys
 
 CHECK = """
 import sys, time
-from aifab.singleuser import defer_rfc3987_syntax
+from aifab.spawners.singleuser import defer_rfc3987_syntax
 defer_rfc3987_syntax()
 t0 = time.perf_counter()
 import jsonschema, jupyter_events  # what jupyter_server imports at start-up
@@ -33,13 +33,13 @@ def test_a_refused_port_report_stops_the_launcher():
     env = {"JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",  # nothing listens on port 9
            "JUPYTERHUB_API_TOKEN": "x", "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/a/",
            "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "aifab.singleuser", "true"],
+    out = subprocess.run([sys.executable, "-m", "aifab.spawners.singleuser", "true"],
                          env=env, capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode != 0
     assert "Connection refused" in out.stderr
 
 
 def test_usage_without_a_command():
-    out = subprocess.run([sys.executable, "-m", "aifab.singleuser"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "aifab.spawners.singleuser"], capture_output=True,
                          text=True, timeout=60, cwd="/")
     assert out.returncode == 1 and "usage: aifab-singleuser" in out.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aifab.tiny_model import COMPLETE_MARKER, TinyModelSpec, build_cached, content_hash
+from aifab.magics.tiny_model import COMPLETE_MARKER, TinyModelSpec, build_cached, content_hash
 
 
 def test_tiny_model_loads_and_chats(tiny_model):

@@ -23,7 +23,7 @@ def _kernels_show(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from aifab.tiny_model import build
+    from aifab.magics.tiny_model import build
 
     try:
         summary = build(args.dir)
@@ -38,7 +38,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from aifab.doctor import format_checks, run_checks, to_json
+    from aifab.magics.doctor import format_checks, run_checks, to_json
 
     checks = run_checks()
     print(to_json(checks) if args.json else format_checks(checks))

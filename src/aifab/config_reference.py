@@ -29,8 +29,14 @@ def _classes():
     return [
         (PlacementSpawner, "JupyterHub: the spawner users see (`c.JupyterHub.spawner_class = "
                            "'aifab'`)."),
-        (SlurmSessionSpawner, "JupyterHub: the Slurm backend (batchspawner's `SlurmSpawner` "
-                              "options apply too)."),
+        (SlurmSessionSpawner, "JupyterHub: the Slurm backend, a batchspawner `SlurmSpawner` "
+                              "that renders its script from the profile. Of batchspawner's "
+                              "own options only `start_timeout`, `ip`, "
+                              "`batchspawner_singleuser_cmd` and `startup_poll_interval` "
+                              "apply; setting any other (`req_*`, `batch_script`, "
+                              "`exec_prefix`, `batch_*_cmd`, `state_*_re`) stops the hub "
+                              "with the profile key or option to use instead "
+                              "(docs/admin-guide.md)."),
         (LocalSessionSpawner, "JupyterHub: the local backend (JupyterHub's "
                               "`SimpleLocalProcessSpawner` options apply too)."),
         (AifabExtension, "Jupyter server: the session's services."),

@@ -1,4 +1,4 @@
-"""Which physical GPUs this session sees.
+"""GPU requests (``gpus=2``, ``0,1``, ``all``) and which physical GPUs this session sees.
 
 NVML enumerates every GPU the process can open and ignores CUDA_VISIBLE_DEVICES, so a
 dashboard that asks NVML directly shows the whole node. We map the session's *visible* ids
@@ -8,7 +8,55 @@ only those.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from .api import BadRequest, Conflict
+
+
+class GPURequestError(BadRequest):
+    """A GPU request that cannot be met by this session at all (HTTP 400)."""
+
+
+class GPUsBusy(GPURequestError, Conflict):
+    """A GPU request this session could meet, but the GPUs are held (HTTP 409); the message
+    names who holds what."""
+
+    http_status = 409
+
+
+def parse_gpu_request(spec) -> tuple[str, object]:
+    """'2' or 2 → ('count', 2); '0,1' → ('ids', ['0', '1']); 'all' → ('all', None);
+    None/'0'/0 → ('count', 0). Numbers in a list are positions in the session's GPUs."""
+    if spec is None or spec == "":
+        return ("count", 0)
+    if isinstance(spec, bool):
+        raise GPURequestError(f"gpus={spec!r}: give a count, a list like 0,1, or all")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise GPURequestError(f"gpus={spec}: must be 0 or more")
+        return ("count", spec)
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    text = str(spec).strip()
+    if text == "all":
+        return ("all", None)
+    if re.fullmatch(r"[0-9]{1,3}", text):
+        return ("count", int(text))
+    if re.fullmatch(r"[0-9]{1,3}(,[0-9]{1,3})+|[0-9]{1,3},", text):
+        return ("ids", [t for t in text.split(",") if t])
+    if re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z/-]{1,80}(,(GPU|MIG)-[0-9A-Za-z/-]{1,80})*", text):
+        return ("ids", text.split(","))
+    raise GPURequestError(f"gpus={spec!r}: give a count (2), a list of the session's GPUs "
+                          "(0,1) or all")
+
+
+def requested_count(spec, visible_count: int) -> int:
+    """How many GPUs a request asks for, before the ledger places it."""
+    kind, value = parse_gpu_request(spec)
+    if kind == "all":
+        return visible_count
+    return int(value) if kind == "count" else len(value)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ENV_CACHE = "AIFAB_MODEL_CACHE"
+from .session import ENV_MODEL_CACHE as ENV_CACHE
 
 
 def cache_dir() -> Path | None:

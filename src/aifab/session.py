@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .names import SLURM_NAME
+
 BACKENDS = ("local", "slurm", "kubernetes")
 
 ENV_BACKEND = "AIFAB_BACKEND"
@@ -26,17 +28,30 @@ ENV_POD_NAME = "AIFAB_POD_NAME"
 ENV_SLURM_PARTITION = "AIFAB_SLURM_PARTITION"
 ENV_SLURM_ACCOUNT = "AIFAB_SLURM_ACCOUNT"
 ENV_SLURM_RESERVATION = "AIFAB_SLURM_RESERVATION"
+# Set by the spawner from the profile: the site's shared, read-only model cache.
+ENV_MODEL_CACHE = "AIFAB_MODEL_CACHE"
+ENV_IMAGE = "AIFAB_IMAGE"  # the image / uenv the user chose (Slurm sessions)
+# The session's own settings, not set by the spawner: where the server keeps its records, how
+# a kernel or script reaches its Jupyter server, the dask interface, the tutorials' model.
+ENV_STATE_DIR = "AIFAB_STATE_DIR"
+ENV_SERVER_URL = "AIFAB_SERVER_URL"
+ENV_SERVER_TOKEN = "AIFAB_SERVER_TOKEN"
+ENV_PUBLIC_URL = "AIFAB_PUBLIC_URL"
+ENV_DASK_INTERFACE = "AIFAB_DASK_INTERFACE"
+ENV_TINY_MODEL = "AIFAB_TINY_MODEL"
 CONTRACT_VARS = (
     ENV_BACKEND, ENV_PROFILE, ENV_GPUS, ENV_WALLTIME_END, ENV_SLURM_JOB_ID, ENV_POD_NAME,
     ENV_SLURM_PARTITION, ENV_SLURM_ACCOUNT, ENV_SLURM_RESERVATION,
 )
+# What a profile's `environment` may not set: the contract, and what the spawner derives.
+SPAWNER_SET = (*CONTRACT_VARS, ENV_MODEL_CACHE, ENV_IMAGE)
+
 # Slurm's own names for the same facts, used when the contract does not give them.
 _SLURM_FALLBACK = {
     ENV_SLURM_PARTITION: "SLURM_JOB_PARTITION",
     ENV_SLURM_ACCOUNT: "SLURM_JOB_ACCOUNT",
     ENV_SLURM_RESERVATION: "SLURM_JOB_RESERVATION",
 }
-_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
 
 # A GPU as CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES name it: an index, a UUID or a MIG id.
 _GPU_ID = re.compile(r"[0-9]{1,3}|(GPU|MIG)-[0-9A-Za-z/-]{1,80}")
@@ -159,7 +174,7 @@ def _slurm_place(env: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name, fallback in _SLURM_FALLBACK.items():
         value = (env.get(name) or env.get(fallback) or "").strip()
-        if value and not _SLURM_NAME.fullmatch(value):
+        if value and not SLURM_NAME.fullmatch(value):
             raise SessionContractError(f"{name}={value!r}: letters, digits and _.+- only")
         out[name[len("AIFAB_"):].lower()] = value
     return out

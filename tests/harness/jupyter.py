@@ -14,10 +14,11 @@ import requests
 from tests.harness.hub import free_port, stop_process
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 class JupyterServer:
-    def __init__(self, root: Path, env: dict | None = None):
+    def __init__(self, root: Path, env: dict | None = None, probe_kind: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -25,6 +26,14 @@ class JupyterServer:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.env = {**os.environ, "AIFAB_STATE_DIR": str(self.root / "state"),
                     "JUPYTER_RUNTIME_DIR": str(self.root / "runtime"), **(env or {})}
+        # tests.probe_kind: small real services (http.server, a process tree) for tests of
+        # the services where vLLM adds nothing; importable from the repository root
+        self.extra_args = []
+        if probe_kind:
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
+            self.extra_args = ["--AifabExtension.extra_service_kinds",
+                               "probe=tests.probe_kind:ProbeKind"]
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root / "server.log"
 
@@ -34,7 +43,7 @@ class JupyterServer:
             [str(BIN / "jupyter"), "server", "--no-browser", "--ip=127.0.0.1",
              f"--port={self.port}", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={self.root}", "--ServerApp.allow_root=True",
-             "--ServerApp.port_retries=0"],
+             "--ServerApp.port_retries=0", *self.extra_args],
             env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         log.close()
@@ -103,15 +112,6 @@ class JupyterServer:
             return "(no server log)"
 
 
-def group_alive(pgid: int) -> bool:
-    """Any live (non-zombie) process in this process group?"""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+from aifab.supervisor import group_alive  # noqa: E402  (the one supervisor, re-exported)
+
+__all__ = ["JupyterServer", "group_alive"]

@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+from aifab.session import ENV_TINY_MODEL
+
 
 def write_ping_pong(path: str | Path, n: int = 200, seed: int = 0) -> Path:
     """A chat JSONL where the user says "ping N" and the assistant answers "pong": a tiny
@@ -45,9 +47,9 @@ def tutorial_model() -> str:
     built once into ~/.cache/aifab (a minute, no download)."""
     import os
 
-    from .models import resolve
+    from aifab.models import resolve
 
-    given = os.environ.get("AIFAB_TINY_MODEL", "")
+    given = os.environ.get(ENV_TINY_MODEL, "")
     if given and Path(given, "config.json").is_file():
         return given
     cached = resolve(TUTORIAL_MODEL_NAME)

@@ -54,7 +54,7 @@ def serve(
     """Start vLLM on ``gpus`` of this session's GPUs (None: CPU if the session has none,
     else 1) and return a handle. Refused before launch: a missing model directory, an unknown
     vLLM flag, a name in use, GPUs held by another service."""
-    from .models import resolve
+    from aifab.models import resolve
 
     model = resolve(model)  # a name in the site's shared model cache, if there is one
     client = SessionClient()

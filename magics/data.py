@@ -1,4 +1,5 @@
-"""``aifab.data.prepare``: training data for ``%finetune``, prepared in parallel on a dask cluster.
+"""``aifab.data.prepare``: training data for ``%finetune``, prepared in parallel on a dask
+cluster.
 
     result = aifab.data.prepare("raw/*.jsonl", model="/models/llama", out="prepared",
                                 seq_len=1024, cluster=cluster)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import requests
 
+from aifab.api import ENDED, Status
+from aifab.session import ENV_PUBLIC_URL, ENV_SERVER_TOKEN, ENV_SERVER_URL
+
 
 class ServiceRequestError(RuntimeError):
     """The session services refused a request; the message is theirs."""
@@ -31,9 +34,9 @@ class ServerInfo:
 
 def find_server() -> ServerInfo:
     env = os.environ
-    if env.get("AIFAB_SERVER_URL"):
-        return ServerInfo(env["AIFAB_SERVER_URL"].rstrip("/") + "/",
-                          env.get("AIFAB_SERVER_TOKEN", ""), env.get("AIFAB_PUBLIC_URL", ""))
+    if env.get(ENV_SERVER_URL):
+        return ServerInfo(env[ENV_SERVER_URL].rstrip("/") + "/",
+                          env.get(ENV_SERVER_TOKEN, ""), env.get(ENV_PUBLIC_URL, ""))
     if env.get("JUPYTERHUB_SERVICE_URL") and env.get("JUPYTERHUB_API_TOKEN"):
         url = env["JUPYTERHUB_SERVICE_URL"].replace("://0.0.0.0:", "://127.0.0.1:")
         public = env.get("JUPYTERHUB_PUBLIC_URL") or ""
@@ -89,7 +92,7 @@ class SessionClient:
     def proxy_url(self, name: str) -> str:
         return f"{self.server.url}aifab/proxy/{name}/"
 
-    def wait(self, name: str, timeout: float, until=("ready",)) -> dict:
+    def wait(self, name: str, timeout: float, until=(Status.READY,)) -> dict:
         """Poll until the service is in one of ``until`` (or failed/stopped); raise on
         failure with its last log lines, or TimeoutError."""
         deadline = time.monotonic() + timeout
@@ -97,7 +100,7 @@ class SessionClient:
             svc = self.get(name)
             if svc["status"] in until:
                 return svc
-            if svc["status"] in ("failed", "stopped"):
+            if svc["status"] in ENDED:
                 lines = "\n".join(self.logs(name, 20))
                 raise ServiceRequestError(0, f"service {name!r} {svc['status']}: "
                                              f"{svc['error']}\n--- last log lines ---\n{lines}")

@@ -10,7 +10,7 @@ Every worker job carries ``--comment=aifab-dask;session=S;kernel=HOST:PID:START`
 Three things cancel jobs, so that none outlives what started it:
 
 1. the cluster's own ``close()`` (dask-jobqueue);
-2. a watchdog process per kernel (``python -m aifab.cluster_jobs watch``), in its own session
+2. a watchdog process per kernel (``python -m aifab.extension.dask_jobs watch``), in its own session
    so it survives the kernel: it cancels the kernel's jobs the moment the kernel exits, however
    it exits (``kill -9`` included), and when it is itself asked to stop;
 3. the server extension: at start it sweeps this session's jobs whose kernel is gone, and when
@@ -31,7 +31,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from aifab import slurm, supervisor
+from aifab.names import SLURM_JOB_ID
 
 COMMENT_PREFIX = "aifab-dask"
 JOB_NAME = "aifab-dask"
@@ -47,14 +49,6 @@ _SECRET = re.compile(
 # GPUs are the session's, not a worker job's: Slurm sets these for jobs that ask for GPUs
 _GPU_VARS = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
              "GPU_DEVICE_ORDINAL", "HIP_VISIBLE_DEVICES"}
-
-
-def slurm_client_configured(env=None) -> bool:
-    """Whether Slurm commands can find a cluster here. Without a configuration a Slurm client
-    goes looking for one in DNS (configless mode), slowly, and fails."""
-    env = os.environ if env is None else env
-    return bool(env.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf")
-                or env.get("SLURM_JOB_ID"))
 
 
 def session_key(env=None) -> str:
@@ -75,13 +69,10 @@ def this_host() -> str:
 
 
 def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    """The process's start time in milliseconds since the epoch (None when it is gone): with
+    the pid it names one process, even after the pid is reused."""
+    started = supervisor.start_time(pid)
+    return None if started is None else int(started * 1000)
 
 
 @dataclass(frozen=True)
@@ -125,15 +116,12 @@ def submit_env(env=None) -> dict[str, str]:
 
 
 def list_jobs(session: str | None = None, timeout: float = 20) -> list[TaggedJob]:
-    """This user's aifab dask jobs still in the queue (optionally of one session)."""
-    out = subprocess.run(
-        ["squeue", "--me", "--noheader", f"--name={JOB_NAME}",  # live jobs only (default)
-         "--format=%i|%T|%r|%k"],
-        capture_output=True, text=True, timeout=timeout, env=submit_env())
-    if out.returncode != 0:
-        raise RuntimeError(f"squeue failed ({out.returncode}): {out.stderr.strip()}")
+    """This user's aifab dask jobs still in the queue (optionally of one session). Raises
+    aifab.slurm.SlurmError."""
+    out = slurm.run(["squeue", "--me", "--noheader", f"--name={JOB_NAME}",  # live jobs only
+                     "--format=%i|%T|%r|%k"], timeout=timeout, env=submit_env())
     jobs = []
-    for line in out.stdout.splitlines():
+    for line in out.splitlines():
         parts = line.strip().split("|", 3)
         if len(parts) != 4:
             continue
@@ -147,13 +135,9 @@ def list_jobs(session: str | None = None, timeout: float = 20) -> list[TaggedJob
 
 
 def cancel(job_ids, timeout: float = 20) -> None:
-    ids = [j for j in job_ids if re.fullmatch(r"[0-9]+(_[0-9]+)?", j)]
+    ids = [j for j in job_ids if SLURM_JOB_ID.fullmatch(j)]
     if ids:
-        out = subprocess.run(["scancel", *ids], capture_output=True, text=True,
-                             timeout=timeout, env=submit_env())
-        if out.returncode != 0:
-            raise RuntimeError(f"scancel {' '.join(ids)} failed ({out.returncode}): "
-                               f"{out.stderr.strip()}")
+        slurm.run(["scancel", *ids], timeout=timeout, env=submit_env())
 
 
 def cancel_kernel_jobs(session: str, kernel: KernelRef) -> list[str]:
@@ -174,7 +158,7 @@ def start_watchdog(session: str, kernel: KernelRef) -> subprocess.Popen:
     """Start the watchdog for this process. Closing its stdin (or writing to it) tells it the
     kernel is done; it cancels the kernel's jobs and exits."""
     return subprocess.Popen(
-        [sys.executable, "-m", "aifab.cluster_jobs", "watch", "--session", session,
+        [sys.executable, "-m", "aifab.extension.dask_jobs", "watch", "--session", session,
          "--pid", str(kernel.pid), "--start", str(kernel.start)],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # a signal to the kernel's process group spares it
@@ -213,13 +197,13 @@ def _watch(session: str, pid: int, start: int) -> int:
         try:
             cancel_kernel_jobs(session, kernel)
             return 0
-        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        except slurm.SlurmError:
             time.sleep(2 ** attempt)
     return 1
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aifab.cluster_jobs")
+    parser = argparse.ArgumentParser(prog="python -m aifab.extension.dask_jobs")
     sub = parser.add_subparsers(dest="command", required=True)
     watch = sub.add_parser("watch", help="cancel a kernel's dask jobs when it exits")
     watch.add_argument("--session", required=True)

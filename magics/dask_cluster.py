@@ -2,8 +2,8 @@
 
 * Slurm session: a ``dask_jobqueue.SLURMCluster`` whose worker jobs go where the session's job
   runs (partition, account, reservation), never outlive it (walltime capped to what the session
-  has left), carry the session's tag (see :mod:`aifab.cluster_jobs`), talk TLS to the scheduler
-  and hold no GPU unless asked (``gpus_per_worker``).
+  has left), carry the session's tag (see :mod:`aifab.extension.dask_jobs`), talk TLS to the
+  scheduler and hold no GPU unless asked (``gpus_per_worker``).
 * Local session (this machine, the demo): a ``distributed.LocalCluster`` on 127.0.0.1.
 * Kubernetes session: a ``LocalCluster`` inside the pod, unless the site names a cluster class
   in the dask config key ``aifab.kubernetes-cluster`` (e.g. dask-kubernetes' ``KubeCluster``).
@@ -22,7 +22,6 @@ import functools
 import inspect
 import math
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -35,17 +34,16 @@ from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster, SpecCluster
 from distributed.deploy.adaptive import Adaptive
 
-from . import cluster_jobs
-from .session import Session
+from aifab import walltime
+from aifab.extension import dask_jobs
+from aifab.names import SLURM_NAME
+from aifab.session import ENV_DASK_INTERFACE, Session
 
 DEFAULT_CORES = 2
 DEFAULT_MEMORY = "8GiB"
 DEFAULT_WALLTIME = "01:00:00"  # when the site's dask config gives none
 # a worker job ends this long before the session does, so the session never waits on it
 WALLTIME_MARGIN_S = 120
-_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")
-_WALLTIME = re.compile(
-    r"(?:(?P<d>[0-9]{1,3})-)?(?:(?P<h>[0-9]{1,3}):)?(?P<m>[0-9]{1,4}):(?P<s>[0-9]{2})")
 # what aifab sets itself: tagging and placement must not be overridden by accident
 _RESERVED = {"job_name": "worker jobs are named and tagged by aifab so they can be cleaned up",
              "name": "aifab names the cluster",
@@ -113,17 +111,12 @@ def _check_count(name: str, value, low: int = 0, high: int = 10_000) -> int:
 
 
 def parse_walltime(value) -> int:
-    """Slurm's [D-][HH:]MM:SS, or a whole number of minutes as Slurm reads one -> seconds.
-    Less than a minute is refused: Slurm would read it as no limit at all."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value * 60
-    else:
-        m = _WALLTIME.fullmatch(str(value).strip())
-        if not m:
-            raise ClusterOptionError(f"aifab.cluster(): walltime={value!r} must look like "
-                                     "HH:MM:SS, D-HH:MM:SS or MM:SS (or minutes as a number)")
-        d, h = int(m["d"] or 0), int(m["h"] or 0)
-        seconds = ((d * 24 + h) * 60 + int(m["m"])) * 60 + int(m["s"])
+    """A walltime as Slurm reads it (aifab.walltime: "01:30" is 90 s, 90 is 90 minutes) ->
+    seconds. Less than a minute is refused: dask-jobqueue passes whole minutes to Slurm."""
+    try:
+        seconds = walltime.parse_walltime(value)
+    except ValueError as exc:
+        raise ClusterOptionError(f"aifab.cluster(): walltime: {exc}") from None
     if seconds < 60:
         raise ClusterOptionError(f"aifab.cluster(): walltime={value!r} is less than a minute")
     return seconds
@@ -195,7 +188,7 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
         value = o.pop(key, None)
         if value is None:
             value = place[key] or conf(key) or ""
-        if value and not _NAME.fullmatch(str(value)):
+        if value and not SLURM_NAME.fullmatch(str(value)):
             raise ClusterOptionError(f"aifab.cluster(): {key}={value!r}: letters, digits and "
                                      "_.+- only")
         place[key] = value
@@ -204,13 +197,13 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
                           session, now)
 
     interface = o.pop("interface", None) or conf("interface") \
-        or os.environ.get("AIFAB_DASK_INTERFACE") or None
+        or os.environ.get(ENV_DASK_INTERFACE) or None
     if interface and interface not in _interfaces():
         raise ClusterOptionError(f"aifab.cluster(): interface={interface!r} does not exist "
                                  f"here; this node has: {', '.join(sorted(_interfaces()))}")
 
-    kernel = cluster_jobs.KernelRef.this_process()
-    directives.append(f"--comment={cluster_jobs.comment(cluster_jobs.session_key(), kernel)}")
+    kernel = dask_jobs.KernelRef.this_process()
+    directives.append(f"--comment={dask_jobs.comment(dask_jobs.session_key(), kernel)}")
     if place["reservation"]:
         directives.append(f"--reservation={place['reservation']}")
     if gpus:  # a job runs `processes` workers, each with its GPUs
@@ -225,7 +218,7 @@ def slurm_settings(session: Session, overrides: dict, now: float | None = None) 
         "queue": place["queue"] or None, "account": place["account"] or None,
         "job_extra_directives": directives, "interface": interface,
         "scheduler_options": scheduler_options,
-        "job_name": cluster_jobs.JOB_NAME,
+        "job_name": dask_jobs.JOB_NAME,
         "shared_temp_directory": o.pop("shared_temp_directory", None)
         or conf("shared-temp-directory") or str(_private_dir("dask-tls")),
         # the workers' logs, rather than a slurm-NNN.out per job in the notebook's folder
@@ -257,8 +250,8 @@ _watchdog = None  # this kernel's watchdog (kept referenced: its stdin must stay
 def _ensure_watchdog() -> None:
     global _watchdog
     if _watchdog is None or _watchdog.poll() is not None:
-        _watchdog = cluster_jobs.start_watchdog(cluster_jobs.session_key(),
-                                                cluster_jobs.KernelRef.this_process())
+        _watchdog = dask_jobs.start_watchdog(dask_jobs.session_key(),
+                                                dask_jobs.KernelRef.this_process())
 
 
 class SessionSLURMJob(SLURMJob):
@@ -275,7 +268,7 @@ class SessionSLURMJob(SLURMJob):
 
     @staticmethod
     async def _call(cmd, *, shell=False, **kwargs):
-        kwargs.setdefault("env", cluster_jobs.submit_env())
+        kwargs.setdefault("env", dask_jobs.submit_env())
         return await SLURMJob._call(cmd, shell=shell, **kwargs)
 
 
@@ -311,7 +304,7 @@ class SessionSLURMCluster(_SessionWidget, SLURMCluster):
         settings = slurm_settings(session, overrides)
         _ensure_watchdog()
         self = cls(**settings)
-        self.session_key = cluster_jobs.session_key()
+        self.session_key = dask_jobs.session_key()
         if workers:
             self.scale(workers)
         return self
@@ -344,7 +337,7 @@ class SessionSLURMCluster(_SessionWidget, SLURMCluster):
         ids = {str(job.job_id) for job in self.workers.values()
                if getattr(job, "job_id", None)}
         return {j.job_id: (j.state, j.reason)
-                for j in cluster_jobs.list_jobs(self.session_key) if j.job_id in ids}
+                for j in dask_jobs.list_jobs(self.session_key) if j.job_id in ids}
 
     @property
     def requested_workers(self) -> int:

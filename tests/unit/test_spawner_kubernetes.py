@@ -17,7 +17,7 @@ from kubernetes_asyncio.client import ApiClient
 from aifab.spawners import load_profiles, load_profiles_file, validate_options
 from aifab.spawners.kubernetes import KubeSessionSpawner, configure_kube_child
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALPS = load_profiles(load_profiles_file(REPO / "docs/examples/alps-profiles.yaml"))
 K8S_PROFILES = [p for p in ALPS if p.backend == "kubernetes"]
 K8S_VERSION = "1.30"

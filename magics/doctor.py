@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from .cluster_jobs import slurm_client_configured
-from .gpus import NVMLUnavailable, physical_gpus
-from .session import Session, SessionContractError
+from aifab import slurm
+from aifab.gpus import NVMLUnavailable, physical_gpus
+from aifab.session import ENV_MODEL_CACHE, Session, SessionContractError
 
 OK, WARN, MISSING = "ok", "warn", "missing"
 
@@ -55,24 +54,21 @@ def check_slurm(env: Mapping[str, str], timeout: float = 10) -> Check:
         return Check("slurm", MISSING, "sinfo not found on PATH",
                      "only needed for Slurm placement and dask on Slurm; load your site's slurm "
                      "module if you expected it")
-    if not slurm_client_configured(env):
+    if not slurm.client_configured(env):
         return Check("slurm", MISSING, "Slurm client installed but not configured "
                      "(no SLURM_CONF, no /etc/slurm/slurm.conf)",
                      "set SLURM_CONF to your cluster's slurm.conf")
     try:
-        proc = subprocess.run(
-            [sinfo, "-h", "-o", "%P %a %D %T"], capture_output=True, text=True,
-            timeout=timeout, env=dict(env),
-        )
-    except subprocess.TimeoutExpired:
-        return Check("slurm", WARN, f"sinfo did not answer within {timeout:.0f}s",
-                     "slurmctld unreachable? check SLURM_CONF and `scontrol ping`")
-    if proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        return Check("slurm", WARN, f"sinfo failed (exit {proc.returncode}): "
+        out = slurm.run(["sinfo", "-h", "-o", "%P %a %D %T"], timeout=timeout, env=dict(env))
+    except slurm.SlurmError as exc:
+        if exc.timed_out:
+            return Check("slurm", WARN, f"sinfo did not answer within {timeout:.0f}s",
+                         "slurmctld unreachable? check SLURM_CONF and `scontrol ping`")
+        err = (exc.stderr or exc.stdout).strip().splitlines()
+        return Check("slurm", WARN, f"sinfo failed (exit {exc.returncode}): "
                      f"{err[-1] if err else 'no output'}",
                      "check SLURM_CONF and that munged runs")
-    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    rows = [line.split() for line in out.splitlines() if line.strip()]
     parts = sorted({r[0] for r in rows})
     return Check("slurm", OK, f"reachable; partitions: {', '.join(parts) or 'none'}")
 
@@ -122,7 +118,7 @@ def run_checks(env: Mapping[str, str] | None = None) -> list[Check]:
 
 
 def check_model_cache(env: Mapping[str, str]) -> Check:
-    path = env.get("AIFAB_MODEL_CACHE", "").strip()
+    path = env.get(ENV_MODEL_CACHE, "").strip()
     if not path:
         return Check("models", OK, "no shared model cache in this profile (models by path "
                                    "or Hugging Face name)")

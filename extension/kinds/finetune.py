@@ -1,0 +1,176 @@
+"""The fine-tune service kind: a run of the trainer (``aifab.extension.trainer``), one process
+per GPU under torchrun or one on the CPU, never inside a kernel.
+
+Every option is checked here, on the server, whoever sends the request (``%finetune``,
+``aifab.finetune()`` or any REST client), and the server builds the trainer's command line
+from the checked options: no request brings its own argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from aifab.api import BadRequest, FineTuneOptions, Status
+from aifab.models import cached_models, resolve
+from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
+
+from ..records import Service, tail
+from ..train_data import DataError, inspect_data
+from .base import LaunchPlan, ServiceKind, base_env
+
+RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
+EXIT_INTERRUPTED = 75  # the trainer's "stopped early, checkpoint saved"
+# what a --resume must keep equal (the checkpoint's shapes and the data order)
+RESUME_SHAPE = ("model", "method", "lora_r", "lora_alpha", "batch_size", "grad_accum",
+                "seq_len", "packing")
+
+
+def check_options(o: FineTuneOptions) -> FineTuneOptions:
+    """Everything that can be checked before a process starts. Raises BadRequest."""
+    model = resolve(o.model)  # a name in the site's shared model cache, if there is one
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise BadRequest(f"model {o.model!r}: the directory has no config.json")
+        o.model = os.path.abspath(model)
+    elif model.startswith(("/", ".", "~")) or not HF_MODEL_ID.fullmatch(model):
+        cached = ", ".join(cached_models())
+        raise BadRequest(f"model {o.model!r}: no such model directory (and not a Hugging "
+                         "Face id like org/name)"
+                         + (f"; the shared model cache has: {cached}" if cached else ""))
+    try:
+        inspect_data(o.data)
+    except DataError as exc:
+        raise BadRequest(str(exc)) from None
+    o.data = os.path.abspath(os.path.expanduser(o.data))
+    if o.method not in ("lora", "full"):
+        raise BadRequest(f"method {o.method!r}: lora or full")
+    if o.epochs is not None and not o.epochs > 0:
+        raise BadRequest(f"epochs={o.epochs!r}: more than 0")
+    o.name = o.name or default_run_name(o.model)
+    if not SERVICE_NAME.fullmatch(o.name):
+        raise BadRequest(f"name {o.name!r}: {SERVICE_NAME_RULE}")
+    for fname, lo in (("batch_size", 1), ("grad_accum", 1), ("seq_len", 16), ("lora_r", 1),
+                      ("lora_alpha", 1), ("save_steps", 1)):
+        value = getattr(o, fname)
+        if not isinstance(value, int) or value < lo:
+            raise BadRequest(f"{fname}={value!r}: an integer >= {lo}")
+    if o.max_steps is not None and (not isinstance(o.max_steps, int) or o.max_steps < 1):
+        raise BadRequest(f"max_steps={o.max_steps!r}: an integer >= 1")
+    if not 0 < o.lr < 1:
+        raise BadRequest(f"lr={o.lr!r}: a learning rate between 0 and 1")
+    out = Path(os.path.expanduser(o.output or f"~/aifab-runs/{o.name}")).absolute()
+    if out.exists() and any(out.iterdir()):
+        owner = run_name(out)
+        if not o.resume or owner not in (o.name, None):
+            what = f"run {owner!r}" if owner else "other files"
+            raise BadRequest(
+                f"output {str(out)!r} holds {what}; choose another --output"
+                + (", or --resume to continue it" if owner == o.name else ""))
+    o.output = str(out)
+    if o.resume:
+        _check_resume_shape(o, out)
+    return o
+
+
+def _check_resume_shape(o: FineTuneOptions, out: Path) -> None:
+    starts = [json.loads(line) for line in _lines(out / "metrics.jsonl")
+              if '"event": "start"' in line]
+    if not starts or "shape" not in starts[-1]:
+        return
+    was = starts[-1]["shape"]
+    changed = [f"{k} {was[k]!r} -> {getattr(o, k)!r}" for k in RESUME_SHAPE
+               if k in was and was[k] != getattr(o, k)]
+    if changed:
+        raise BadRequest("--resume must keep the run's settings; changed: " + ", ".join(changed))
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def run_name(out: Path) -> str | None:
+    """The name of the run that wrote ``out`` (None if none did)."""
+    for f in (out / RUN_FILE, out / "metrics.jsonl"):
+        try:
+            first = json.loads(f.read_text().splitlines()[0] if f.suffix == ".jsonl"
+                               else f.read_text())
+            return first.get("name")
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def default_run_name(model: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+    return (f"ft-{base}"[:33] + time.strftime("-%H%M%S")).strip("-")
+
+
+def trainer_argv(python: str, o: FineTuneOptions, ngpus: int) -> list[str]:
+    args = ["-m", "aifab.extension.trainer", "--model", o.model, "--data", o.data,
+            "--output", o.output, "--name", o.name, "--method", o.method, "--lr", str(o.lr),
+            "--batch-size", str(o.batch_size), "--grad-accum", str(o.grad_accum),
+            "--seq-len", str(o.seq_len), "--lora-r", str(o.lora_r),
+            "--lora-alpha", str(o.lora_alpha), "--save-steps", str(o.save_steps),
+            "--seed", str(o.seed)]
+    if o.max_steps:
+        args += ["--max-steps", str(o.max_steps)]
+    if o.epochs:
+        args += ["--epochs", str(o.epochs)]
+    if o.packing:
+        args.append("--packing")
+    if o.resume:
+        args.append("--resume")
+    if ngpus > 1:  # one process per GPU; torchrun passes Slurm's SIGUSR1 on to them
+        return [python, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ngpus}",
+                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                "--shutdown-timeout=50", *args]
+    return [python, *args]
+
+
+def run_outcome(output: str) -> tuple[Status, str] | None:
+    """A run's outcome from what it wrote (exit codes do not survive torchrun or a restart of
+    the Jupyter server): (status, error), or None if it says nothing."""
+    if not output:
+        return None
+    out = Path(output)
+    if (out / RUN_FILE).is_file():
+        return (Status.FINISHED, "")
+    last = tail(out / "metrics.jsonl", 1)
+    if last and '"event": "interrupted"' in last[-1]:
+        return (Status.FAILED, "interrupted (SIGTERM/SIGUSR1 or walltime): a checkpoint was "
+                               "saved; continue with --resume")
+    return None
+
+
+class FineTuneKind(ServiceKind):
+    name = "finetune"
+    one_shot = True
+    fields = tuple(f for f in FineTuneOptions.field_names() if f not in ("name", "gpus"))
+    slow_validation = True  # reads the whole data set once
+
+    def validate(self, spec: Mapping) -> FineTuneOptions:
+        self.check_fields(spec)
+        body = {k: v for k, v in spec.items() if k != "kind"}
+        return check_options(FineTuneOptions.from_request(body))
+
+    def default_gpus(self, request: FineTuneOptions):
+        return super().default_gpus(request) if request.gpus is None else request.gpus
+
+    def plan(self, request: FineTuneOptions, *, name: str, gpus: list[str], service_dir: Path,
+             api_key: str) -> LaunchPlan:
+        Path(request.output).mkdir(parents=True, exist_ok=True)
+        return LaunchPlan(argv=trainer_argv(self.ctx.python, request, len(gpus)),
+                          env=base_env(self.ctx.environ, gpus), model=request.model,
+                          output=request.output)
+
+    def outcome(self, svc: Service) -> tuple[Status, str] | None:
+        return run_outcome(svc.output)
