@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from aifab.extension.vllm import vllm_argv, vllm_env
+from aifab.extension.kinds.vllm import vllm_argv, vllm_env
 from aifab.magics.tiny_model import build_cached
 from tests.harness.jupyter import JupyterServer
 

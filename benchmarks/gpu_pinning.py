@@ -18,13 +18,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from aifab.extension.ledger import GPURequestError
-from aifab.extension.services import ServiceError, ServiceManager, tail
+from aifab.api import ApiError
+from aifab.extension.kinds import LaunchPlan, ServiceKind
+from aifab.extension.kinds.base import base_env
+from aifab.extension.records import tail
+from aifab.extension.services import ServiceManager
 from aifab.gpus import NVMLUnavailable, physical_gpus
 from aifab.session import Session
 
 PROBE = ("import json, torch; print('SEEN ' + json.dumps([str(torch.cuda.get_device_properties(i)"
          ".uuid) for i in range(torch.cuda.device_count())]))")
+
+
+class TorchProbeKind(ServiceKind):
+    """A one-shot service that prints the UUIDs of the GPUs torch sees in it."""
+
+    name = "torch-probe"
+    one_shot = True
+
+    def validate(self, spec):
+        self.check_fields(spec)
+        return spec
+
+    def default_gpus(self, request):
+        return request.get("gpus")
+
+    def plan(self, request, *, name, gpus, service_dir, api_key):
+        return LaunchPlan(argv=[sys.executable, "-c", PROBE], env=base_env(os.environ, gpus))
 
 
 async def run() -> dict:
@@ -44,18 +64,18 @@ async def run() -> dict:
         return {"bench": "gpu_pinning", "skipped": str(exc)}
     uuid_of = {g.visible_id: g.uuid.removeprefix("GPU-") for g in mapping}
     manager = ServiceManager(Path(tempfile.mkdtemp(prefix="aifab-pin-")), session,
-                             logging.getLogger("gpu_pinning"))
+                             logging.getLogger("gpu_pinning"),
+                             kinds={"torch-probe": TorchProbeKind})
     manager.start_monitor()
     per = 2 if len(session.visible_gpus) >= 4 else 1
     services, t0 = [], time.perf_counter()
     for i in range(len(session.visible_gpus) // per):
-        services.append(manager.create({"kind": "command", "name": f"pin-{i}", "gpus": per,
-                                        "argv": [sys.executable, "-c", PROBE]}))
+        services.append(manager.create({"kind": "torch-probe", "name": f"pin-{i}",
+                                        "gpus": per}))
     try:
-        manager.create({"kind": "command", "name": "one-too-many", "gpus": 1,
-                        "argv": ["true"]})
+        manager.create({"kind": "torch-probe", "name": "one-too-many", "gpus": 1})
         refusal = "NOT REFUSED"
-    except (ServiceError, GPURequestError) as exc:
+    except ApiError as exc:
         refusal = str(exc)
     while any(s.status in ("starting", "ready") for s in services):
         await asyncio.sleep(0.2)

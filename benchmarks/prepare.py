@@ -1,4 +1,4 @@
-"""Records per second of ``aifab.magics.data.prepare`` in this process and on 1 and 2 dask workers of
+"""Records per second of ``aifab.data.prepare`` in this process and on 1 and 2 dask workers of
 ``aifab.cluster()`` on a real single-node Slurm (tiny offline model, chat records).
 
     .venv/bin/python -m benchmarks.prepare [--records 20000] [--runs 2]

@@ -10,6 +10,7 @@ import time
 
 import ipywidgets as w
 
+from aifab.api import LIVE, Status
 from aifab.magics.finetuning import FineTuneRun
 
 
@@ -47,7 +48,7 @@ class FineTuneWidget(w.VBox):
         super().__init__([self.title, w.HBox([self.bar, self.state]), self.curve, self.stats,
                           self.stop_button])
         self.steps: list[dict] = []
-        self.status = "starting"
+        self.status = Status.STARTING
         self._poll = poll
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -61,19 +62,19 @@ class FineTuneWidget(w.VBox):
             rate = (last["step"] - self.steps[0]["step"]) / max(last["time"] - first_t, 1e-9)
             eta = (last["total"] - last["step"]) / rate if rate > 0 else 0
             self.state.value = (f"step {last['step']}/{last['total']} · loss {last['loss']:.4f}"
-                                + (f" · ETA {eta:.0f}s" if status == "starting" else ""))
+                                + (f" · ETA {eta:.0f}s" if status == Status.STARTING else ""))
             self.curve.value = loss_svg([m["loss"] for m in self.steps])
             mem = ", ".join(f"{g:.1f}" for g in last.get("gpu_mem_gb") or []) or "CPU"
             self.stats.value = (f"{last['tokens_per_s']:.0f} tokens/s · lr {last['lr']:.2e}"
                                 f" · GPU memory (GiB): {mem}")
-        if status == "stopping":
+        if status == Status.STOPPING:
             self.state.value += " · stopping (saving a checkpoint)…"
-        if status == "finished":
+        if status == Status.FINISHED:
             self.bar.bar_style = "success"
             done = next((m for m in metrics if m.get("event") == "done"), {})
             self.state.value += f" · done: {html.escape(done.get('output', ''))}"
             self.stop_button.disabled = True
-        elif status in ("failed", "stopped"):
+        elif status in (Status.FAILED, Status.STOPPED):
             self.bar.bar_style = "danger"
             self.state.value += f" · {html.escape(status)} {html.escape(error)}"
             self.stop_button.disabled = True
@@ -93,7 +94,7 @@ class FineTuneWidget(w.VBox):
                     return
                 time.sleep(min(30, self._poll * 2 ** failures))
                 continue
-            if info["status"] not in ("starting", "ready", "stopping"):
+            if Status(info["status"]) not in LIVE:
                 return
             time.sleep(self._poll)
 

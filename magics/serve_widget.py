@@ -10,6 +10,7 @@ import time
 
 import ipywidgets as w
 
+from aifab.api import Status
 from aifab.magics.client import ServiceRequestError
 from aifab.magics.serving import Served
 
@@ -33,7 +34,7 @@ class ServeWidget(w.VBox):
         self.logs_button.on_click(lambda _: self._show_logs())
         super().__init__([self.title, w.HBox([self.progress, self.state]), self.details,
                           w.HBox([self.stop_button, self.logs_button]), self.log_view])
-        self.status = "starting"
+        self.status = Status.STARTING
         self.phase = "starting"
         self._t0 = time.monotonic()
         self._poll = poll
@@ -46,11 +47,11 @@ class ServeWidget(w.VBox):
         if self.phase in PHASES:
             self.progress.value = PHASES.index(self.phase)
         elapsed = time.monotonic() - self._t0
-        if self.status == "starting":
+        if self.status == Status.STARTING:
             self.state.value = f"{html.escape(self.phase)} … {elapsed:.0f}s"
-        elif self.status == "stopping":
+        elif self.status == Status.STOPPING:
             self.state.value = "stopping…"
-        elif self.status == "ready":
+        elif self.status == Status.READY:
             self.progress.bar_style = "success"
             self.state.value = f"ready after {info['ready_at'] - info['started_at']:.0f}s"
             gpus = ",".join(info["gpus"]) or "none (CPU)"
@@ -64,7 +65,7 @@ class ServeWidget(w.VBox):
             self.progress.bar_style = "danger"
             self.state.value = f"{html.escape(self.status)}: {html.escape(info['error'])}"
             self.stop_button.disabled = True
-            if self.status == "failed":
+            if self.status == Status.FAILED:
                 self._show_logs(20)
 
     def _watch(self) -> None:
@@ -75,7 +76,7 @@ class ServeWidget(w.VBox):
                 self.state.value = f"cannot reach the session services: {html.escape(str(exc))}"
                 return
             self.update(info)
-            if info["status"] not in ("starting", "stopping"):
+            if info["status"] not in (Status.STARTING, Status.STOPPING):
                 return
             time.sleep(self._poll)
 

@@ -45,7 +45,8 @@ RUNNING_STATES = re.compile(r"^(?:RUNNING|COMPLETING)\b")
 # what squeue says when the controller does not answer: the job may well be running
 CONTROLLER_TROUBLE = re.compile(r"^slurm_load_jobs error: (?:Socket timed out on send/recv|"
                                 r"Unable to contact slurm controller)")
-STOP_WAIT_S = 10
+STOP_WAIT_S = 10  # how long stop() waits for the job to leave squeue after scancel
+PORT_CHECK_S = 2.0  # while waiting for the port: squeue this often (+-25% jitter)
 
 # the error every Slurm command raises (the old name, kept for code that imports it)
 SlurmCommandError = slurm.SlurmError
@@ -299,11 +300,11 @@ class SlurmSessionSpawner(SlurmSpawner):
             timeout=self.start_timeout + 60,
         )
         self.ip = self.state_gethost()
-        next_check = time.monotonic() + random.uniform(1.5, 2.5)
+        next_check = time.monotonic() + PORT_CHECK_S * random.uniform(0.75, 1.25)
         while self.port == 0:  # the job reports its port through the hub API
             await asyncio.sleep(0.05)
             if time.monotonic() > next_check:
-                next_check = time.monotonic() + random.uniform(1.5, 2.5)
+                next_check = time.monotonic() + PORT_CHECK_S * random.uniform(0.75, 1.25)
                 if await self.query_job_status() not in (JobStatus.RUNNING, JobStatus.UNKNOWN):
                     job = self.job_id
                     await self._cancel_quietly()

@@ -1,4 +1,4 @@
-"""aifab.magics.data.prepare: a few thousand records (JSONL and parquet, with bad ones) prepared in one
+"""aifab.data.prepare: a few thousand records (JSONL and parquet, with bad ones) prepared in one
 process and on 2 dask workers on the real Slurm fixture give the same bytes; bad records are
 reported with file and line; the trainer behind %finetune reads the output as it is."""
 

@@ -20,6 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import pytest
 
 from aifab.magics.examples import write_ping_pong
@@ -178,6 +179,7 @@ def session(hub_factory, tmp_path):
         s.hub.wait_for_stopped(USER, timeout=120)
 
 
+@pytest.mark.timeout(900)  # the run's 1500 steps take minutes on a busy machine
 def test_the_culler_leaves_a_stepping_session_and_culls_it_once_the_run_ended(
         session, tiny_model, data):
     session.start_server()
@@ -250,6 +252,9 @@ def test_a_session_culled_anyway_leaves_its_run_a_checkpoint_to_resume(
     assert (ckpt / "aifab-complete").is_file(), session.log_tail()
     assert latest_complete_checkpoint(out / "checkpoints") == ckpt  # what --resume takes
     assert not (out / "aifab-run.json").exists()  # not finished: resumable
+    left = [p.pid for p in psutil.process_iter(["cmdline"])
+            if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"the run's processes outlived the session: {left}"
     records = list(Path(session.root, "users").glob("**/sessions/*/long/record.json"))
     assert len(records) == 1, records
     record = json.loads(records[0].read_text())

@@ -36,6 +36,13 @@ def chat(server, name: str, token="default", stream=False):
                           stream=stream)
 
 
+def metric(server, name: str, metric_name: str) -> float:
+    """One of vLLM's Prometheus counters (its /metrics, through the proxy), summed."""
+    return sum(float(line.rpartition(" ")[2])
+               for line in server.get(f"aifab/proxy/{name}/metrics").text.splitlines()
+               if line.split("{")[0].split(" ")[0] == metric_name)
+
+
 def vllm_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"],
                          capture_output=True, text=True)
@@ -44,8 +51,10 @@ def vllm_pids() -> set[int]:
 
 def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model, test_user):
     server = jupyter["server"]
+    # (--enable-log-requests: vLLM logs the requests it aborts, see the next test)
     r = server.request("POST", "aifab/api/services",
-                       json={"kind": "vllm", "name": "tiny", "model": str(tiny_model)})
+                       json={"kind": "vllm", "name": "tiny", "model": str(tiny_model),
+                             "extra_args": ["--enable-log-requests"]})
     assert r.status_code == 201, r.text
     assert "api_key" not in r.json()
     svc = server.wait_service("tiny", "ready", 300)
@@ -83,6 +92,43 @@ def test_vllm_through_the_authenticated_proxy(jupyter, tiny_model, test_user):
         assert streamed.status_code == 200
         events = [ln for ln in streamed.iter_lines() if ln.startswith(b"data:")]
     assert len(events) >= 3 and events[-1] == b"data: [DONE]"
+
+
+def test_a_client_leaving_a_stream_aborts_the_request_in_vllm(jupyter):
+    """A notebook interrupted mid-stream, a closed browser tab: vLLM stops generating at once
+    (not the 2000 tokens asked for, for nobody). Needs the first test's service."""
+    server = jupyter["server"]
+    # Accept: application/json, as the OpenAI clients send with stream=True too
+    streamed = server.request(
+        "POST", "aifab/proxy/tiny/v1/chat/completions", stream=True,
+        headers={"Accept": "application/json"},
+        json={"model": "tiny", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+              "messages": [{"role": "user", "content": "ping 3"}]})
+    assert streamed.status_code == 200, streamed.text
+    events = []
+    for line in streamed.iter_lines():
+        if line.startswith(b"data: {"):
+            events.append(json.loads(line[6:]))
+            if len(events) == 5:
+                break
+    assert len(events) == 5  # chunk by chunk: the stream is still being generated
+    request_id = events[0]["id"]
+    streamed.close()
+    left = time.monotonic()
+
+    logged = []
+    while time.monotonic() - left < 10 and not logged:
+        lines = server.get("aifab/api/services/tiny/logs", params={"n": "300"}).json()["lines"]
+        logged = [ln for ln in lines if request_id in ln and "abort" in ln.lower()]
+        time.sleep(0.05)
+    took = time.monotonic() - left
+    print(f"vLLM logged the abort {took:.2f}s after the client left: {logged[:1]}")
+    assert logged, f"no abort of {request_id} in vLLM's log"
+    assert took < 2
+    generated = metric(server, "tiny", "vllm:generation_tokens_total")
+    time.sleep(1)
+    assert metric(server, "tiny", "vllm:generation_tokens_total") == generated  # nothing more
+    assert chat(server, "tiny").status_code == 200  # and the proxy goes on serving
 
 
 def test_restarted_server_finds_vllm_and_kill_9_turns_it_failed(jupyter):
@@ -129,16 +175,16 @@ def test_serve_magic_client_and_stop(shell, jupyter, tiny_model):
     assert not group_alive(pid)
 
 
-def test_serve_refuses_bad_input_before_launch(shell, tmp_path):
+def test_serve_refuses_bad_input_before_launch(shell, tmp_path, tiny_model):
     from IPython.core.error import UsageError
 
     before = vllm_pids()
     with pytest.raises(UsageError, match="no such model directory"):
         shell.run_line_magic("serve", f"{tmp_path}/nothing --name x")
     with pytest.raises(UsageError, match="--lora 'broken': expected NAME=PATH"):
-        shell.run_line_magic("serve", f"{tmp_path} --lora broken")
+        shell.run_line_magic("serve", f"{tiny_model} --lora broken")
     with pytest.raises(UsageError, match=r"2 GPU\(s\) requested but this session has 0"):
-        shell.run_line_magic("serve", f"{tmp_path} --gpus 2")
+        shell.run_line_magic("serve", f"{tiny_model} --gpus 2")
     assert vllm_pids() == before
 
 

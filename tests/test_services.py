@@ -12,6 +12,7 @@ import pytest
 
 from tests.harness.jupyter import JupyterServer, group_alive
 
+
 @pytest.fixture
 def server(tmp_path):
     srv = JupyterServer(tmp_path, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3",

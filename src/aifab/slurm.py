@@ -19,6 +19,7 @@ import collections
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 
@@ -94,46 +95,65 @@ def _argv(argv: Sequence[str], prefix: Sequence[str]) -> list[str]:
 
 def run(argv: Sequence[str], *, timeout: float = 30.0, stdin: str | None = None,
         env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()) -> str:
-    """Run a Slurm command; its stdout, stripped. SlurmError when it fails."""
+    """Run a Slurm command; its stdout, stripped. SlurmError when it fails.
+
+    The command runs in a session of its own: at the deadline the whole process group is
+    killed (a ``sudo`` prefix does not pass SIGKILL on to the command it runs).
+    """
     full = _argv(argv, prefix)
     try:
-        proc = subprocess.run(
-            full, input=stdin if stdin is not None else "", capture_output=True, text=True,
-            timeout=timeout, env=dict(minimal_env() if env is None else env),
+        proc = subprocess.Popen(
+            full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, errors="replace", env=dict(minimal_env() if env is None else env),
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise SlurmError(full, None, _text(exc.stdout), _text(exc.stderr),
-                         timeout=timeout) from None
     except FileNotFoundError:
         raise SlurmError(full, 127, missing=full[0]) from None
     except OSError as exc:  # not executable, ...: what the shell calls 126
         raise SlurmError(full, 126, stderr=str(exc)) from None
+    try:
+        out, err = proc.communicate(stdin if stdin is not None else "", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # something outside the group holds the pipes
+            out, err = "", ""
+        raise SlurmError(full, None, out, err, timeout=timeout) from None
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        raise SlurmError(full, proc.returncode, proc.stdout, proc.stderr)
-    return proc.stdout.strip()
+        raise SlurmError(full, proc.returncode, out, err)
+    return out.strip()
 
 
 async def arun(argv: Sequence[str], *, timeout: float = 30.0, stdin: str | None = None,
                env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()) -> str:
-    """:func:`run` for asyncio: the command is killed at its deadline or on cancellation."""
+    """:func:`run` for asyncio: the command's process group is killed at its deadline or
+    on cancellation."""
     full = _argv(argv, prefix)
     try:
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=dict(minimal_env() if env is None else env),
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise SlurmError(full, 127, missing=full[0]) from None
-    except OSError as exc:  # not executable, ...: what the shell calls 126
+    except OSError as exc:
         raise SlurmError(full, 126, stderr=str(exc)) from None
     try:
         out, err = await asyncio.wait_for(
             proc.communicate(stdin.encode() if stdin is not None else None), timeout
         )
     except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        _kill_group(proc)
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:  # something outside the group holds the pipes
+            pass
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise SlurmError(full, None, timeout=timeout) from None
@@ -141,6 +161,18 @@ async def arun(argv: Sequence[str], *, timeout: float = 30.0, stdin: str | None 
         raise SlurmError(full, proc.returncode, out.decode(errors="replace"),
                          err.decode(errors="replace"))
     return out.decode(errors="replace").strip()
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL the command's process group (it leads its own session), or at least it.
+    The group may outlive its leader (a child of sudo's still holding the pipes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
 
 
 def _text(data) -> str:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 BIN = Path(sys.executable).parent
@@ -122,10 +123,10 @@ class Hub:
         except (OSError, ValueError):
             return
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             return
-        if b"configurable-http-proxy" in cmdline:
+        if "configurable-http-proxy" in cmdline:
             os.kill(pid, signal.SIGTERM)
 
     def restart(self) -> None:

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 NODE = "localhost"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "sudo")
 # binaries that show the packages above are installed
@@ -181,17 +183,16 @@ def ensure_packages() -> None:
 
 def _cmdline(pid: int) -> list[str]:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 def _running(pid: int) -> bool:
     # zombies count as gone: the daemons are re-parented to PID 1, which may not reap them
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -211,29 +212,10 @@ def _port_holder(port: int) -> tuple[int, list[str]] | None:
             return None
         except OSError:
             pass
-    inodes = set()  # listening sockets on that port, from /proc/net/tcp{,6}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{f[9]}]")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) in inodes:
-                    return int(proc.name), _cmdline(int(proc.name))
-            except OSError:
-                continue
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port \
+                and conn.pid:
+            return conn.pid, _cmdline(conn.pid)
     return 0, []
 
 
