@@ -16,7 +16,7 @@ from traitlets import Dict, Float, Unicode, default
 from aifab import slurm
 from aifab.session import ENV_STATE_DIR, Session
 
-from . import dask_jobs
+from . import activity, dask_jobs
 from .services import ServiceManager
 
 
@@ -65,6 +65,8 @@ class AifabExtension(ExtensionApp):
                                       kinds=self.extra_service_kinds)
         self.manager.adopt()
         self.settings["aifab_services"] = self.manager
+        # a stepping run and a proxied request are activity for the hub (its idle culler)
+        self.activity = activity.install(self, self.manager)
         self._sweep_dask_jobs(everything=False)
 
     def initialize_handlers(self):
@@ -75,6 +77,7 @@ class AifabExtension(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp):
         # the monitor runs on the server's event loop, which exists by now
         self.manager.start_monitor()
+        self.activity.start()
         # Slurm warns a job of its walltime with SIGUSR1 to the batch shell (the server, see
         # the spawner's --signal=B:USR1@300): runs get it too and checkpoint; Jupyter's own
         # SIGUSR1 handler (it prints its state) still runs.
@@ -108,5 +111,6 @@ class AifabExtension(ExtensionApp):
 
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")
+        self.activity.stop()
         await self.manager.shutdown()
         self._sweep_dask_jobs(everything=True)

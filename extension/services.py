@@ -164,6 +164,10 @@ class ServiceManager:
             svc.status = Status.STOPPING  # the watcher leaves it alone during the grace period
             await self._stop_tree(svc)
             svc.status = Status.STOPPED
+            kind = self.kind_of(svc)
+            outcome = kind.outcome(svc) if kind is not None else None
+            if outcome and outcome[1]:
+                svc.error = outcome[1]  # a run says what it left: "a checkpoint was saved"
             svc.save()
             self.log.info("aifab: stopped service %r", name)
         return svc

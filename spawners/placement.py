@@ -19,7 +19,7 @@ from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any, Dict, List, Type, Unicode, default, observe
 
-from aifab.session import Session
+from aifab.session import CONTRACT_PREFIX, ENV_POD_NAME, ENV_WALLTIME_END, Session
 
 from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
 from .form import render_form
@@ -216,8 +216,8 @@ class PlacementSpawner(Spawner):
             from .kubernetes import configure_kube_child
 
             end = time.time() + placement.walltime_s
-            contract["AIFAB_WALLTIME_END"] = str(int(end))
-            contract["AIFAB_POD_NAME"] = child.pod_name
+            contract[ENV_WALLTIME_END] = str(int(end))
+            contract[ENV_POD_NAME] = child.pod_name
             configure_kube_child(child, placement, profile)
         extra = profile.session_environment() if profile is not None else {}
         child.environment = {**child.environment, **extra, **contract}
@@ -248,7 +248,7 @@ class PlacementSpawner(Spawner):
         # what the hub's hooks (pre_spawn_hook, group overrides) set on us after the child was
         # built reaches it too; the session contract stays as validated
         child.environment = {**child.environment, **{
-            k: v for k, v in self.environment.items() if not k.startswith("AIFAB_")}}
+            k: v for k, v in self.environment.items() if not k.startswith(CONTRACT_PREFIX)}}
         child.api_token = self.api_token
         child.admin_access = self.admin_access
         child.cert_paths = self.cert_paths

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aifab.names import SLURM_NAME, SLURM_NAME_RULE
+from aifab.session import ENV_MODEL_CACHE, SLURM_PREFIX, SPAWNER_SET
 from aifab.walltime import format_walltime, is_ambiguous, parse_walltime, readings
 
 __all__ = ["format_walltime", "parse_walltime"]  # re-exported: the one parser is aifab.walltime
@@ -29,9 +30,7 @@ IMAGE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CACHE_PATH = re.compile(r"/[A-Za-z0-9_./-]{0,1000}")
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 # set by the spawner (the session contract, the model cache): not a profile's to change
-RESERVED_ENV = {"AIFAB_BACKEND", "AIFAB_PROFILE", "AIFAB_GPUS", "AIFAB_WALLTIME_END",
-                "AIFAB_SLURM_JOB_ID", "AIFAB_POD_NAME", "AIFAB_MODEL_CACHE", "HF_HUB_CACHE",
-                "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES"}
+RESERVED_ENV = {*SPAWNER_SET, "HF_HUB_CACHE", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES"}
 CHOICE_KEYS = ("gpus", "cpus", "memory_gb", "walltime", "image")
 PROFILE_KEYS = {
     "slug", "display_name", "description", "backend", "default", "allowed_users",
@@ -115,7 +114,7 @@ class Profile:
         """What the profile adds to the session's environment."""
         env = dict(self.environment)
         if self.model_cache:
-            env.update({"AIFAB_MODEL_CACHE": self.model_cache,
+            env.update({ENV_MODEL_CACHE: self.model_cache,
                         # Hugging Face names (org/model) resolve from the cache, offline
                         "HF_HUB_CACHE": self.model_cache, "HF_HUB_OFFLINE": "1"})
         return env
@@ -202,7 +201,7 @@ def _profile(index: int, raw: Mapping) -> Profile:
         raise err("environment", "expected {NAME: value}")
     for key, value in environment.items():
         if not isinstance(key, str) or not ENV_NAME.fullmatch(key) \
-                or key.startswith(("AIFAB_SLURM", "JUPYTERHUB_")) or key in RESERVED_ENV:
+                or key.startswith((SLURM_PREFIX, "JUPYTERHUB_")) or key in RESERVED_ENV:
             raise err(f"environment.{key}", "a variable name in capitals, not one the session "
                       "contract or JupyterHub sets")
         if not isinstance(value, (str, int, float)) or any(c in str(value) for c in "\n\r\0"):

@@ -30,6 +30,14 @@ from traitlets import Float, List, Unicode, default
 
 from aifab import slurm
 from aifab.names import ENV_NAME, HOSTNAME, SLURM_JOB_ID
+from aifab.session import (
+    ENV_IMAGE,
+    ENV_SLURM_ACCOUNT,
+    ENV_SLURM_JOB_ID,
+    ENV_SLURM_PARTITION,
+    ENV_SLURM_RESERVATION,
+    ENV_WALLTIME_END,
+)
 from aifab.walltime import format_walltime
 
 from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
@@ -112,18 +120,18 @@ def render_batch_script(
     lines += [
         "",
         "set -euo pipefail",
-        'export AIFAB_SLURM_JOB_ID="$SLURM_JOB_ID"',
+        f'export {ENV_SLURM_JOB_ID}="$SLURM_JOB_ID"',
         # the allocation's end, as the session will see it (the job starts now)
-        f"export AIFAB_WALLTIME_END=$(( $(date +%s) + {int(placement.walltime_s)} ))",
+        f"export {ENV_WALLTIME_END}=$(( $(date +%s) + {int(placement.walltime_s)} ))",
     ]
     # where the session runs, so that jobs it submits (dask workers) go to the same place
-    for name, value in (("AIFAB_SLURM_PARTITION", settings.partition),
-                        ("AIFAB_SLURM_ACCOUNT", settings.account),
-                        ("AIFAB_SLURM_RESERVATION", settings.reservation)):
+    for name, value in ((ENV_SLURM_PARTITION, settings.partition),
+                        (ENV_SLURM_ACCOUNT, settings.account),
+                        (ENV_SLURM_RESERVATION, settings.reservation)):
         if value:
             lines.append(f"export {name}={shlex.quote(value)}")
     if placement.image_ref:
-        lines.append(f"export AIFAB_IMAGE={shlex.quote(placement.image_ref)}")
+        lines.append(f"export {ENV_IMAGE}={shlex.quote(placement.image_ref)}")
     if settings.prologue.strip():
         lines += ["# --- site prologue (from the profile) ---", settings.prologue.rstrip(),
                   "# --- end of prologue ---"]

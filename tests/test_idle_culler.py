@@ -194,13 +194,16 @@ def test_the_culler_leaves_a_stepping_session_and_culls_it_once_the_run_ended(
     survived = 0.0
     hub_saw = 0.0  # the latest activity the hub had for the server
     deadline = time.monotonic() + 600
-    while not any(e.get("event") in ("done", "interrupted") for e in events(out)):
+    while True:
+        ended = [e for e in events(out) if e.get("event") in ("done", "interrupted")]
         server = session.server()
-        if server is None:
+        if server is None or (ended and ended[0]["event"] == "interrupted"):
             steps = [e["step"] for e in events(out) if e.get("event") == "step"]
-            pytest.fail(f"culled while the run was stepping (step {steps[-1:]}, "
+            pytest.fail(f"the session was stopped while the run was stepping (step {steps[-1:]}, "
                         f"{time.time() - last_request:.0f}s after the last request)\n"
                         f"{session.log_tail()}")
+        if ended:
+            break
         survived = time.time() - last_request
         hub_saw = max(hub_saw, hub_time(server.get("last_activity")))
         assert time.monotonic() < deadline, f"the run did not end\n{session.log_tail()}"

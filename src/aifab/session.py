@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from .names import SLURM_NAME
 
 BACKENDS = ("local", "slurm", "kubernetes")
+CONTRACT_PREFIX = "AIFAB_"  # every name of the contract starts so
+SLURM_PREFIX = "AIFAB_SLURM"  # where a Slurm session runs: the spawner's, never a profile's
 
 ENV_BACKEND = "AIFAB_BACKEND"
 ENV_PROFILE = "AIFAB_PROFILE"

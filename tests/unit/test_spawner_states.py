@@ -31,8 +31,8 @@ NO_CONTROLLER = slurm.SlurmError(
 
 
 class Script:
-    """What the Slurm commands answer, in order: (command, stdout or a SlurmError). When the
-    steps run out, ``then`` (if given) answers every further call."""
+    """What the Slurm commands answer, in order: (command, stdout, a SlurmError or a function
+    giving stdout). When the steps run out, ``then`` (if given) answers every further call."""
 
     def __init__(self, *steps, then=None):
         self.steps = list(steps)
@@ -51,7 +51,7 @@ class Script:
         assert argv[0] == command, f"expected {command}, the spawner ran {argv}"
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return answer() if callable(answer) else answer
 
     def commands(self) -> list[str]:
         return [c.argv[0] for c in self.calls]
@@ -121,7 +121,7 @@ def test_sbatch_output_with_a_cluster_name_is_read(monkeypatch):
     assert sp.job_id == "77"
 
 
-@pytest.mark.parametrize("out", ["", "Submitted batch job", "12; rm -rf ~", "1 2"])
+@pytest.mark.parametrize("out", ["", "Submitted batch job", "12x;alps", "1 2", "-1"])
 def test_sbatch_without_a_job_id_fails_the_start(monkeypatch, out):
     sp = make_spawner(Script(("sbatch", out)), monkeypatch)
     with pytest.raises(RuntimeError, match="sbatch printed no job id"):
@@ -173,6 +173,12 @@ def test_an_unreadable_node_name_fails_the_start(monkeypatch):
         asyncio.run(sp.start())
 
 
+def report_port(sp, port=8888) -> str:
+    """squeue's answer once the job runs, its port reported in the same instant."""
+    sp.port = port
+    return "RUNNING None n1"
+
+
 def test_start_polls_with_jitter_not_in_lock_step(monkeypatch):
     """Two spawners started together wait different times between their squeue calls."""
     waits = []
@@ -184,11 +190,12 @@ def test_start_polls_with_jitter_not_in_lock_step(monkeypatch):
 
     monkeypatch.setattr(asyncio, "sleep", sleep)
     for _ in range(2):
-        sp = make_spawner(Script(("sbatch", "1"), *[("squeue", "PENDING Resources n/a")] * 6,
-                                 then=("squeue", "RUNNING None n1")), monkeypatch)
-        sp.port = 8888  # reported already: only the queue wait sleeps
-        asyncio.run(sp.start())
-    first, second = waits[:6], waits[6:12]
+        script = Script(("sbatch", "1"), *[("squeue", "PENDING Resources n/a")] * 6)
+        sp = make_spawner(script, monkeypatch)
+        script.steps.append(("squeue", lambda sp=sp: report_port(sp)))
+        asyncio.run(asyncio.wait_for(sp.start(), 5))
+    assert len(waits) == 12  # 6 waits in the queue each, none for the port
+    first, second = waits[:6], waits[6:]
     assert first != second and len(set(first)) == 6
     assert all(0 <= w <= 2.0 for w in waits)
 
