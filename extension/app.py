@@ -78,6 +78,10 @@ class AifabExtension(ExtensionApp):
         # the monitor runs on the server's event loop, which exists by now
         self.manager.start_monitor()
         self.activity.start()
+        from .handlers import quiet_polls
+
+        settings = serverapp.web_app.settings
+        settings["log_function"] = quiet_polls(settings.get("log_function"), self.log)
         # Slurm warns a job of its walltime with SIGUSR1 to the batch shell (the server, see
         # the spawner's --signal=B:USR1@300): runs get it too and checkpoint; Jupyter's own
         # SIGUSR1 handler (it prints its state) still runs.
@@ -99,8 +103,11 @@ class AifabExtension(ExtensionApp):
     def _sweep_dask_jobs(self, everything: bool) -> None:
         """Cancel the dask worker jobs of this session whose kernel is gone (at start: what
         earlier servers' kernels left) or all of them (at the end of the session)."""
-        if not slurm.have_client():
-            return  # no Slurm here
+        if self.manager.session.backend != "slurm" or not slurm.have_client():
+            # only a Slurm session's clusters submit worker jobs (elsewhere aifab.cluster() is
+            # a LocalCluster): a local session never asks squeue, which may hang when a
+            # configured controller is down
+            return
         try:
             cancelled = dask_jobs.sweep(dask_jobs.session_key(), everything=everything)
         except slurm.SlurmError as exc:

@@ -11,6 +11,7 @@ import re
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
+from tornado.log import access_log
 
 from aifab.api import ApiError
 from aifab.names import SERVICE_NAME_ROUTE
@@ -100,6 +101,27 @@ class LogsHandler(_Base):
         except ApiError as exc:
             self.fail(exc)
         self.finish(json.dumps({"name": name, "lines": tail(svc.log_path, int(n))}))
+
+
+def quiet_polls(log_function, log):
+    """Tornado's ``log_function`` with the widgets' polls (successful GETs of the REST API,
+    once a second per widget) at DEBUG: in a workshop they were a third of the server's log.
+    Everything else is logged as before."""
+
+    def log_request(handler) -> None:
+        if isinstance(handler, _Base) and handler.request.method == "GET" \
+                and handler.get_status() < 400:
+            # the path only: a query may hold ?token=
+            log.debug("%d GET %s (%.1f ms)", handler.get_status(), handler.request.path,
+                      1000.0 * handler.request.request_time())
+            return
+        if log_function is not None:
+            log_function(handler)
+        else:  # what tornado logs without a log_function
+            access_log.info("%d %s %.2fms", handler.get_status(), handler._request_summary(),
+                            1000.0 * handler.request.request_time())
+
+    return log_request
 
 
 def handlers() -> list[tuple]:

@@ -108,8 +108,8 @@ class ServiceManager:
         if kind is None:
             raise BadRequest(f"kind {kind_name!r}: allowed are {', '.join(self.kinds)}")
         name = spec.get("name")
-        if name is None and kind.one_shot:
-            pass  # a run may name itself from its model
+        if not name and kind.one_shot:
+            pass  # a run may name itself from its model (the kind checks the name it makes)
         elif not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
             raise BadRequest(f"name {name!r}: {SERVICE_NAME_RULE}")
         return kind, kind.validate(spec)

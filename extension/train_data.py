@@ -28,6 +28,11 @@ class DataSummary:
     records: int
 
 
+def json_error(exc: json.JSONDecodeError) -> str:
+    # exc.msg may end in "at" ("Unterminated string starting at"): the column goes apart
+    return f"not valid JSON: {exc.msg} (column {exc.colno})"
+
+
 def check_record(rec, where: str) -> str:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
@@ -60,8 +65,7 @@ def inspect_jsonl(path: Path) -> DataSummary:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") \
-                    from None
+                raise DataError(f"{where}: {json_error(exc)}") from None
             kind = check_record(rec, where)
             if field is None:
                 field = kind
@@ -78,7 +82,7 @@ def inspect_data(path: str | Path) -> DataSummary:
     """Check the data without loading a model; raises DataError."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory")
+        raise DataError(f"{p.name}: no such file or directory in {p.parent}")
     if p.is_file() and p.suffix in (".jsonl", ".json"):
         return inspect_jsonl(p)
     parquet = [p] if p.suffix == ".parquet" else sorted(p.glob("*.parquet")) if p.is_dir() else []

@@ -114,12 +114,23 @@ class ClusterWidget(w.VBox):
         while not self._stop.wait(self._poll):
             if getattr(self.cluster, "status", None) is not None \
                     and self.cluster.status.name in ("closing", "closed"):
-                self.counts.value = "cluster closed"
+                self.show_closed()
                 return
             try:
                 self.refresh()
             except Exception as exc:  # squeue unreachable for a moment: say so, keep going
                 self.message.value = f"cannot refresh: {html.escape(str(exc))}"
+
+    def show_closed(self) -> None:
+        """A closed cluster says so: no threads, memory or dashboard left, no live controls."""
+        self._stop.set()
+        self.requested = self.pending = self.running = 0
+        self.pending_reasons = {}
+        self.counts.value = "cluster closed: its workers are gone"
+        self.resources.value = self.dashboard.value = self.message.value = ""
+        for control in (self.scale_input, self.scale_button, self.adapt_min, self.adapt_max,
+                        self.adapt_button):
+            control.disabled = True
 
     def close(self) -> None:
         self._stop.set()

@@ -295,6 +295,13 @@ class _SessionWidget:
             self._aifab_widget = ClusterWidget(self)
         return self._aifab_widget
 
+    def close(self, *args, **kwargs):
+        result = super().close(*args, **kwargs)
+        widget = getattr(self, "_aifab_widget", None)
+        if widget is not None:  # say so now, not at the widget's next look
+            widget.show_closed()
+        return result
+
 
 class SessionSLURMCluster(_SessionWidget, SLURMCluster):
     job_cls = SessionSLURMJob

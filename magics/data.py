@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aifab.extension.train_data import DataError, check_record
+from aifab.extension.train_data import DataError, check_record, json_error
 
 SUMMARY_FILE = "_prepare.json"
 BAD_FILE = "_bad-records.jsonl"  # "_": parquet readers of the folder skip it
@@ -157,7 +157,7 @@ def _records(chunk: Chunk):
             try:
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as exc:
-                yield lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                yield lineno, None, json_error(exc)
 
 
 def tokenize_chunk(chunk: Chunk, model: str, work: str) -> dict:

@@ -14,13 +14,14 @@ from aifab import slurm
 from aifab.gpus import NVMLUnavailable, physical_gpus
 from aifab.session import ENV_MODEL_CACHE, Session, SessionContractError
 
-OK, WARN, MISSING = "ok", "warn", "missing"
+# info: a fact, not a problem (no Slurm client in a session that does not use Slurm)
+OK, INFO, WARN, MISSING = "ok", "info", "warn", "missing"
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    status: str  # ok | warn | missing
+    status: str  # ok | info | warn | missing
     detail: str
     hint: str = ""
 
@@ -48,13 +49,22 @@ def check_session(env: Mapping[str, str]) -> tuple[Check, Session | None]:
     return Check("session", status, detail, hint), s
 
 
-def check_slurm(env: Mapping[str, str], timeout: float = 10) -> Check:
+def check_slurm(env: Mapping[str, str], timeout: float = 10,
+                session: Session | None = None) -> Check:
+    # a session that does not run on Slurm has no need of it: saying so is information
+    absent = MISSING if session is None or session.backend == "slurm" else INFO
     sinfo = shutil.which("sinfo", path=env.get("PATH"))
     if not sinfo:
+        if absent == INFO:
+            return Check("slurm", INFO, f"no Slurm client here (not needed: this session "
+                                        f"runs on {session.backend})")
         return Check("slurm", MISSING, "sinfo not found on PATH",
                      "only needed for Slurm placement and dask on Slurm; load your site's slurm "
                      "module if you expected it")
     if not slurm.client_configured(env):
+        if absent == INFO:
+            return Check("slurm", INFO, f"Slurm client installed but not configured (not "
+                                        f"needed: this session runs on {session.backend})")
         return Check("slurm", MISSING, "Slurm client installed but not configured "
                      "(no SLURM_CONF, no /etc/slurm/slurm.conf)",
                      "set SLURM_CONF to your cluster's slurm.conf")
@@ -106,7 +116,7 @@ def run_checks(env: Mapping[str, str] | None = None) -> list[Check]:
     session_check, session = check_session(env)
     return [
         session_check,
-        check_slurm(env),
+        check_slurm(env, session=session),
         check_gpus(session, env),
         # metadata only: importing torch or vLLM takes seconds and may touch the GPU
         check_package("torch", ("torch",), "pip install 'jupyter-aifab[finetune]'"),
@@ -134,7 +144,7 @@ def check_model_cache(env: Mapping[str, str]) -> Check:
 
 
 def format_checks(checks: list[Check]) -> str:
-    mark = {OK: "[ok]  ", WARN: "[warn]", MISSING: "[miss]"}
+    mark = {OK: "[ok]  ", INFO: "[info]", WARN: "[warn]", MISSING: "[miss]"}
     lines = []
     for c in checks:
         lines.append(f"{mark[c.status]} {c.name:<12} {c.detail}")

@@ -64,9 +64,10 @@ class FineTuneWidget(w.VBox):
             self.state.value = (f"step {last['step']}/{last['total']} · loss {last['loss']:.4f}"
                                 + (f" · ETA {eta:.0f}s" if status == Status.STARTING else ""))
             self.curve.value = loss_svg([m["loss"] for m in self.steps])
-            mem = ", ".join(f"{g:.1f}" for g in last.get("gpu_mem_gb") or []) or "CPU"
+            mem = ", ".join(f"{g:.1f}" for g in last.get("gpu_mem_gb") or [])
+            where = f"GPU memory (GiB): {mem}" if mem else "on the CPU"
             self.stats.value = (f"{last['tokens_per_s']:.0f} tokens/s · lr {last['lr']:.2e}"
-                                f" · GPU memory (GiB): {mem}")
+                                f" · {where}")
         if status == Status.STOPPING:
             self.state.value += " · stopping (saving a checkpoint)…"
         if status == Status.FINISHED:

@@ -57,6 +57,15 @@ class FineTuneRun(ServiceHandle):
             out = out[starts[-1]:] if starts else out
         return out
 
+    def __repr__(self) -> str:
+        # a run is "starting" to the services until it ends; say what a user sees instead
+        status = self.status
+        steps = [m for m in self.metrics(since_last_start=True) if m.get("event") == "step"]
+        if steps and status == Status.STARTING:
+            last = steps[-1]
+            return f"<FineTuneRun {self.name!r} running: step {last['step']}/{last['total']}>"
+        return f"<FineTuneRun {self.name!r} {status}>"
+
     def wait(self, timeout: float = 7 * 24 * 3600) -> FineTuneRun:
         self._client.wait(self.name, timeout, until=(Status.FINISHED,))
         return self
@@ -83,7 +92,10 @@ def finetune(model: str, data: str, serve: bool = False, **kw) -> FineTuneRun:
         raise FineTuneError(f"unknown option(s) {', '.join(unknown)}; allowed: "
                             f"{', '.join(allowed)}, serve")
     opts = FineTuneOptions(model=model, data=data, **kw)
-    opts.model, opts.data = _kernel_path(opts.model), _kernel_path(opts.data)
+    # data is a path (made absolute here, so a message names the kernel's folder); model may
+    # also be a name in the shared cache or a Hugging Face id
+    opts.model = _kernel_path(opts.model)
+    opts.data = os.path.abspath(os.path.expanduser(opts.data))
     if opts.output:
         opts.output = os.path.abspath(os.path.expanduser(opts.output))
     client = SessionClient()

@@ -12,7 +12,7 @@ from .parsing import MagicArgumentParser
 
 USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
        [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--wait] [-- extra vllm args]
-%serve list | %serve stop NAME | %serve logs NAME [-n 50]"""
+%serve list [--all] | %serve stop NAME | %serve logs NAME [-n 50]"""
 
 
 def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
@@ -31,6 +31,8 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
         p = MagicArgumentParser(prog=f"%serve {words[0]}", usage_text=USAGE)
         if words[0] != "list":
             p.add_argument("name")
+        else:
+            p.add_argument("--all", action="store_true", help="ended servers too")
         if words[0] == "logs":
             p.add_argument("-n", type=int, default=50)
         return words[0], p.parse_args(words[1:]), extra
@@ -58,6 +60,25 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
     return "serve", opts, extra
 
 
+def list_lines(services: list[dict], show_all: bool = False) -> list[str]:
+    """The lines of ``%serve list``: the session's model servers (not its fine-tune runs),
+    the live ones unless ``show_all``. Pure."""
+    from aifab.api import LIVE
+
+    rows = [s for s in services if s["kind"] == "vllm" and (show_all or s["status"] in LIVE)]
+    lines = []
+    for s in rows:
+        adapters = f" adapters: {', '.join(s['loras'])}" if s.get("loras") else ""
+        lines.append(f"{s['name']:<20} {s['status']:<8} "
+                     f"{('gpus=' + ','.join(s['gpus'])) if s['gpus'] else 'cpu':<10} "
+                     f"model {s['served_name'] or s['name']} ({s['model']}){adapters}")
+    if not lines:
+        ended = sum(1 for s in services if s["kind"] == "vllm")
+        lines.append("no model servers running in this session"
+                     + (f" ({ended} ended: %serve list --all)" if ended and not show_all else ""))
+    return lines
+
+
 @magics_class
 class ServeMagics(Magics):
     @line_magic
@@ -68,11 +89,8 @@ class ServeMagics(Magics):
         command, opts, extra = parse_serve(line)
         try:
             if command == "list":
-                rows = SessionClient().services()
-                for s in rows:
-                    print(f"{s['name']:<20} {s['kind']:<8} {s['status']:<8} "
-                          f"gpus=[{','.join(s['gpus'])}] {s['model']}")
-                return None if rows else print("no services in this session")
+                print("\n".join(list_lines(SessionClient().services(), opts.all)))
+                return None
             if command == "stop":
                 SessionClient().stop(opts.name)
                 print(f"stopped {opts.name}")

@@ -10,7 +10,7 @@ import time
 
 import ipywidgets as w
 
-from aifab.api import Status
+from aifab.api import LIVE, Status
 from aifab.magics.client import ServiceRequestError
 from aifab.magics.serving import Served
 
@@ -38,6 +38,7 @@ class ServeWidget(w.VBox):
         self.phase = "starting"
         self._t0 = time.monotonic()
         self._poll = poll
+        self._ready_poll = max(poll, 2.0)
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
@@ -54,31 +55,45 @@ class ServeWidget(w.VBox):
         elif self.status == Status.READY:
             self.progress.bar_style = "success"
             self.state.value = f"ready after {info['ready_at'] - info['started_at']:.0f}s"
-            gpus = ",".join(info["gpus"]) or "none (CPU)"
+            where = f"on GPUs {','.join(info['gpus'])}" if info["gpus"] else "on the CPU"
             public = (f"<br>browser / curl: <code>{html.escape(self.served.public_url)}</code>"
                       if self.served.public_url else "")
+            loras = info.get("loras") or {}
+            adapters = ("<br>adapters (call them by name): " + ", ".join(
+                f"<code>{html.escape(n)}</code>" for n in loras)) if loras else ""
             self.details.value = (
                 f"model <code>{html.escape(info['served_name'])}</code> "
-                f"({html.escape(info['model'])}) on GPUs {html.escape(gpus)}<br>"
-                f"base_url: <code>{html.escape(self.served.base_url)}</code>{public}")
-        else:
-            self.progress.bar_style = "danger"
-            self.state.value = f"{html.escape(self.status)}: {html.escape(info['error'])}"
+                f"({html.escape(info['model'])}) {html.escape(where)}<br>"
+                f"base_url: <code>{html.escape(self.served.base_url)}</code>{public}"
+                f"{adapters}")
+        else:  # ended: stopped (by anyone), failed, finished
+            self.progress.bar_style = "danger" if self.status == Status.FAILED else ""
+            error = f": {info['error']}" if info.get("error") else ""
+            self.state.value = html.escape(f"{self.status}{error}")
             self.stop_button.disabled = True
             if self.status == Status.FAILED:
                 self._show_logs(20)
 
     def _watch(self) -> None:
+        """Follow the service until it ends (a stop from anywhere, a crash), not only until it
+        is ready: the display must never show a live Stop button for a server that is gone.
+        Once ready, a slower look is enough."""
+        failures = 0
         while True:
             try:
                 info = self.served.info
+                failures = 0
             except (ServiceRequestError, OSError) as exc:
+                failures += 1
                 self.state.value = f"cannot reach the session services: {html.escape(str(exc))}"
-                return
+                if failures > 10:
+                    return
+                time.sleep(min(30, self._poll * 2 ** failures))
+                continue
             self.update(info)
-            if info["status"] not in (Status.STARTING, Status.STOPPING):
+            if Status(info["status"]) not in LIVE:
                 return
-            time.sleep(self._poll)
+            time.sleep(self._poll if info["status"] != Status.READY else self._ready_poll)
 
     # ------------------------------------------------------------ buttons
     def _stop(self) -> None:

@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# Install the Debian packages the demo and the test suite use, if any is missing:
-# Slurm (slurmctld, slurmd, client), munge and sudo for the real Slurm fixture, and Node.js
-# with npm for JupyterHub's configurable-http-proxy; with --browser also Debian's chromium
-# (the browser test drives it with Playwright; nothing is downloaded by Playwright itself).
+# Install the Debian packages that are missing, for what is asked:
+#   --demo     what `make demo` needs: python3-venv (for .venv) and Node.js with npm (for
+#              JupyterHub's configurable-http-proxy). No Slurm: the demo offers Slurm
+#              partitions only where it finds a Slurm.
+#   --test     the demo's packages and the real Slurm fixture's: slurmctld, slurmd, the
+#              client, munge and sudo (jobs run as another user)
+#   --browser  Debian's chromium and a font (the browser test drives it with Playwright;
+#              Playwright downloads nothing)
 # Runs only as root (else it says what to install). No daemon is started: a temporary
 # policy-rc.d blocks the packages' init scripts.
 set -euo pipefail
 
-declare -A need=(
-  [slurmctld]=slurmctld [slurmd]=slurmd [sbatch]=slurm-client [munged]=munge
-  [sudo]=sudo [node]=nodejs [npm]=npm
-)
-[ "${1:-}" = "--browser" ] && need[chromium]=chromium
+declare -A need=()
+for mode in "$@"; do
+  case "$mode" in
+    --demo) need+=([node]=nodejs [npm]=npm) ;;
+    --test) need+=([node]=nodejs [npm]=npm [slurmctld]=slurmctld [slurmd]=slurmd
+                   [sbatch]=slurm-client [munged]=munge [sudo]=sudo) ;;
+    --browser) need+=([chromium]=chromium) ;;
+    *) echo "install-system-deps: unknown option $mode (--demo, --test, --browser)" >&2
+       exit 2 ;;
+  esac
+done
 missing=()
 for bin in "${!need[@]}"; do
   PATH=$PATH:/usr/sbin:/sbin command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}")
 done
+# `python3 -m venv` needs Debian's python3-venv (ensurepip), for the demo and the tests alike
+if [[ " $* " == *" --demo "* || " $* " == *" --test "* ]] \
+    && ! "${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1; then
+  missing+=("python3-venv")
+fi
 # readable text in the browser test's screenshots
-if [ "${1:-}" = "--browser" ] && [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+if [[ " $* " == *" --browser "* ]] && [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   missing+=(fonts-dejavu-core)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0

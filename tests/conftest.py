@@ -44,6 +44,20 @@ def _cluster_configured() -> bool:
     return bool(path) and all(Path(p).is_file() for p in path.split(os.pathsep))
 
 
+def pytest_report_header(config):
+    """Which torch the suite runs on (metadata only: importing torch takes seconds)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "torch: not installed (the fast tier needs none)"
+    build = "CPU build" if "+cpu" in version or not any(
+        d.metadata["Name"].startswith("nvidia-") for d in metadata.distributions()) \
+        else "CUDA build"
+    return f"torch {version} ({build})"
+
+
 def pytest_collection_modifyitems(config, items):
     gpu, k8s = _gpu_visible(), _cluster_configured()
     for item in items:

@@ -85,7 +85,7 @@ def test_job_settings_come_from_the_session_and_bad_options_are_refused():
         ({"job_extra_directives": ["--comment=mine"]}, "set by aifab"),
         ({"processes": 4, "cores": 2}, "processes=4 must be a whole number from 1 to 2"),
         ({"memory": "lots"}, "memory='lots' must be an amount"),
-        ({"walltime": "soon"}, "walltime='soon' must look like HH:MM:SS"),
+        ({"walltime": "soon"}, "walltime: 'soon' is not a walltime; write"),
         ({"queue": "debug; rm -rf /"}, "queue='debug; rm -rf /': letters, digits"),
         ({"interface": "hsn9"}, "interface='hsn9' does not exist here"),
         ({"gpus_per_worker": -1}, "gpus_per_worker=-1"),

@@ -139,15 +139,35 @@ def test_restarted_server_finds_vllm_and_kill_9_turns_it_failed(jupyter):
     new.start()
     assert new.get("aifab/api/services/tiny").json()["status"] == "ready"
     assert chat(new, "tiny").status_code == 200
+    # a widget that watches the ready server, as a notebook cell shows it
+    from aifab.magics.client import ServerInfo, SessionClient
+    from aifab.magics.serve_widget import ServeWidget
+    from aifab.magics.serving import Served
+
+    widget = ServeWidget(Served("tiny", SessionClient(ServerInfo(new.url, new.token))),
+                         poll=0.2)
+    wait_for(lambda: widget.status == "ready", 10, "the widget showing ready")
 
     os.kill(pid, signal.SIGKILL)
     failed = new.wait_service("tiny", "failed", 30)
     assert "exited" in failed["error"]
+    # the widget kept watching after "ready": it turns to failed, with the last log line
+    wait_for(lambda: widget.status == "failed", 15, "the widget showing failed")
+    assert widget.state.value.startswith("failed: exited (code -9)")
+    assert widget.stop_button.disabled
     deadline = time.monotonic() + 15
     while group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(pid)  # vLLM's engine process went with it
     assert new.get("aifab/api/session").json()["gpus_held"] == {}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -170,9 +190,12 @@ def test_serve_magic_client_and_stop(shell, jupyter, tiny_model):
     assert widget.status == "ready" and served.base_url in widget.details.value
 
     pid = served.info["pid"]
-    shell.run_line_magic("serve", "stop magic")
+    assert not widget.stop_button.disabled
+    served.stop()  # from the handle, not the widget's button
     assert served.status == "stopped"
     assert not group_alive(pid)
+    wait_for(lambda: widget.status == "stopped", 15, "the widget showing stopped")
+    assert widget.state.value == "stopped" and widget.stop_button.disabled
 
 
 def test_serve_refuses_bad_input_before_launch(shell, tmp_path, tiny_model):

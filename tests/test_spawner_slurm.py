@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -160,10 +161,9 @@ def server_token(user: str) -> str:
     pids = subprocess.run(["pgrep", "-u", user, "-f", "jupyterhub-singleuser"],
                           capture_output=True, text=True).stdout.split()
     for pid in pids:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        for item in env:
-            if item.startswith(b"JUPYTERHUB_API_TOKEN="):
-                return item.split(b"=", 1)[1].decode()
+        token = psutil.Process(int(pid)).environ().get("JUPYTERHUB_API_TOKEN")
+        if token:
+            return token
     raise AssertionError(f"no running single-user server of {user}")
 
 

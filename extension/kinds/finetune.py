@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aifab.api import BadRequest, FineTuneOptions, Status
-from aifab.models import cached_models, resolve
+from aifab.models import cached_models, offline_refusal, resolve
 from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
 
 from ..records import Service, tail
@@ -42,6 +42,8 @@ def check_options(o: FineTuneOptions) -> FineTuneOptions:
         raise BadRequest(f"model {o.model!r}: no such model directory (and not a Hugging "
                          "Face id like org/name)"
                          + (f"; the shared model cache has: {cached}" if cached else ""))
+    elif refusal := offline_refusal(model):
+        raise BadRequest(refusal)
     try:
         inspect_data(o.data)
     except DataError as exc:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from aifab.api import BadRequest
-from aifab.models import cached_models
+from aifab.models import cached_models, offline_refusal
 from aifab.models import resolve as resolve_model
 from aifab.names import HF_MODEL_ID
 
@@ -177,6 +177,8 @@ class VllmKind(ServiceKind):
             raise BadRequest(f"model {model!r}: not a directory and not a Hugging Face id "
                              "like org/name"
                              + (f"; the shared model cache has: {cached}" if cached else ""))
+        elif refusal := offline_refusal(model, self.ctx.environ):
+            raise BadRequest(refusal)
         served = spec.get("served_name") or spec["name"]
         if not isinstance(served, str) or not SERVED_NAME.fullmatch(served):
             raise BadRequest(f"served_name {served!r}: letters, digits, . _ / -")

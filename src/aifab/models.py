@@ -40,3 +40,19 @@ def cached_models() -> list[str]:
     if cache is None or not cache.is_dir():
         return []
     return sorted(p.name for p in cache.iterdir() if (p / "config.json").is_file())
+
+
+def offline_refusal(model_id: str, env=None) -> str:
+    """Why a Hugging Face id cannot be used in an offline session ("" when it can): offline
+    (HF_HUB_OFFLINE=1, a workshop's profile sets it) a model must already be in the cache,
+    else Hugging Face fails deep in the start-up with advice a notebook user cannot act on."""
+    env = os.environ if env is None else env
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return ""
+    hub = env.get("HF_HUB_CACHE") or os.path.join(
+        env.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    if (Path(hub) / ("models--" + model_id.replace("/", "--"))).is_dir():
+        return ""
+    cached = ", ".join(cached_models()) or "no models"
+    return (f"model {model_id!r}: offline session, and it is not in the shared model cache "
+            f"(it has: {cached})")

@@ -68,6 +68,8 @@ class Hub:
             lines.append(f"load_subconfig({str(self.config_file)!r})  # noqa")
         lines += [
             f"c.JupyterHub.bind_url = 'http://127.0.0.1:{self.port}'",
+            # what a browser uses, as the demo sets it (servers learn it: JUPYTERHUB_PUBLIC_URL)
+            f"c.JupyterHub.public_url = 'http://127.0.0.1:{self.port}/'",
             "c.JupyterHub.hub_ip = '127.0.0.1'",
             f"c.JupyterHub.hub_port = {self.hub_port}",
             f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{self.proxy_api_port}'",

@@ -209,3 +209,26 @@ def test_a_new_manager_adopts_a_live_service_and_fails_a_dead_one(tmp_path, mana
     assert second.get("dead").error == "exited while the Jupyter server was down"
     assert dead.pid not in supervisor.live_groups()
     asyncio.run(second.stop_all())
+
+
+def test_a_one_shot_service_may_leave_its_name_to_the_kind(manager):
+    class Named(SleeperKind):
+        name, one_shot = "named", True
+
+        def validate(self, spec):
+            return type("R", (), {**spec, "name": spec.get("name") or "made-up"})()
+
+        def default_gpus(self, request):
+            return 0
+
+        def plan(self, request, **kw):
+            return super().plan({"seconds": 0}, **kw)
+
+    manager.kinds["named"] = Named(manager.kinds["sleeper"].ctx)
+    for name in (None, ""):
+        svc = manager.create({"kind": "named", "name": name})
+        assert svc.name == "made-up"
+        manager._procs["made-up"].wait(10)
+        asyncio.run(manager.check(svc))
+    with pytest.raises(BadRequest, match="name ''"):
+        manager.create({"kind": "sleeper", "name": ""})

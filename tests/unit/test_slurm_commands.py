@@ -7,6 +7,7 @@ import os
 import stat
 import time
 
+import psutil
 import pytest
 
 from aifab import slurm
@@ -35,9 +36,8 @@ def fake_bin(tmp_path, monkeypatch):
 def gone(pid: int) -> bool:
     """Not running: no such process, or a zombie nobody reaped (no init in a container)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return True
 
 

@@ -77,3 +77,14 @@ def test_readings_give_both_meanings():
     assert readings("12:00").message.startswith("12:00 is 12 min to Slurm")
     with pytest.raises(ValueError, match="not a two-field"):
         readings("01:30:00")
+
+
+def test_aifab_cluster_reads_walltimes_as_slurm_does():
+    from aifab.magics.dask_cluster import ClusterOptionError
+    from aifab.magics.dask_cluster import parse_walltime as cluster_walltime
+
+    assert cluster_walltime("01:30") == 90  # 1 min 30 s, as sbatch --time reads it
+    assert cluster_walltime(90) == 90 * 60 and cluster_walltime("90") == 90 * 60
+    assert cluster_walltime("1-00:00:00") == 86400
+    with pytest.raises(ClusterOptionError, match="less than a minute"):
+        cluster_walltime("00:30")
