@@ -206,8 +206,11 @@ class PlacementSpawner(Spawner):
             backend=placement.backend, profile=placement.profile, gpu_count=placement.gpus,
         ).to_env()
         if placement.backend == "local":
-            # a local session has no scheduler limit; the profile's walltime is informative
-            pass
+            child.placement = placement
+            if getattr(child, "enforce_limits", False):
+                # the local backend ends a session at its walltime (see local_limits.py)
+                child.walltime_end = time.time() + placement.walltime_s
+                contract[ENV_WALLTIME_END] = str(int(child.walltime_end))
         elif placement.backend == "slurm":
             from .slurm import configure_slurm_child
 

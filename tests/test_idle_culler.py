@@ -37,7 +37,8 @@ CULL_EVERY = 2  # the culler's --cull-every
 HUB_CONFIG = """
 from aifab.spawners import use_placement_spawner
 use_placement_spawner(c, profiles=[{{"slug": "local-cpu", "display_name": "This machine",
-                                    "backend": "local", "default": True}}])
+                                    "backend": "local", "default": True,
+                                    "choices": {{"cpus": 2, "memory_gb": 6}}}}])
 c.JupyterHub.authenticator_class = "null"
 c.LocalSessionSpawner.home_dir_template = {home!r}
 c.Spawner.environment = {{"JUPYTERHUB_ACTIVITY_INTERVAL": "1"}}
