@@ -115,12 +115,16 @@ class ServiceManager:
         return kind, kind.validate(spec)
 
     def needs_slow_validation(self, spec) -> bool:
-        kind = self.kinds.get(spec.get("kind", "vllm")) if isinstance(spec, dict) else None
+        name = spec.get("kind", "vllm") if isinstance(spec, dict) else None
+        kind = self.kinds.get(name) if isinstance(name, str) else None
         return bool(kind and kind.slow_validation)
 
     def create(self, spec, checked: tuple[ServiceKind, object] | None = None) -> Service:
         kind, request = checked or self.validate(spec)
-        name = getattr(request, "name", "") or spec["name"]
+        name = getattr(request, "name", "") or spec.get("name")
+        if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
+            # (never an empty name: its folder would be the state folder itself)
+            raise BadRequest(f"name {name!r}: {SERVICE_NAME_RULE}")
         old = self.services.get(name)
         if old is not None and old.status in LIVE:
             raise Conflict(f"a service named {name!r} is already {old.status}; stop it first "

@@ -182,6 +182,8 @@ class LocalSessionSpawner(SimpleLocalProcessSpawner):
                                               lambda: asyncio.ensure_future(self._end()))
         return where
 
+    _ending: asyncio.Future | None = None
+
     async def _end(self) -> None:
         self.log.info("%s: walltime reached; stopping the session", self._log_name)
         await self.stop()
@@ -189,9 +191,11 @@ class LocalSessionSpawner(SimpleLocalProcessSpawner):
     async def poll(self):
         status = await super().poll()
         if status is None and self.enforce_limits and self.walltime_end \
-                and time.time() > self.walltime_end + 5:
-            await self._end()  # (after a hub restart no timer runs: the poll ends it)
-            status = await super().poll()
+                and time.time() > self.walltime_end + 5 \
+                and (self._ending is None or self._ending.done()):
+            # after a hub restart no timer runs: the poll starts the end, once, and returns;
+            # stop() polls too, so awaiting it here would recurse
+            self._ending = asyncio.ensure_future(self._end())
         if status is not None:
             self._release_limits()
         return status

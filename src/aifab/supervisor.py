@@ -23,9 +23,12 @@ _SAME_START = 0.02
 
 
 def start_time(pid: int) -> float | None:
-    """When the process started (seconds since the epoch), None when it is gone."""
+    """When the process started, in seconds since boot (None when it is gone). Since boot,
+    not since the epoch: psutil adds the boot time it rereads on every call, which moves
+    when the clock is stepped (NTP), and a stepped clock must not make a live service look
+    like another process."""
     try:
-        return psutil.Process(pid).create_time()
+        return round(psutil.Process(pid).create_time() - psutil.boot_time(), 2)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
 
@@ -34,10 +37,10 @@ def is_same(pid: int, started: float | None) -> bool:
     """Whether ``pid`` is still the process that started at ``started`` (and not a zombie)."""
     if not pid or not started:
         return False
+    now = start_time(pid)
     try:
-        proc = psutil.Process(pid)
-        return (abs(proc.create_time() - started) < _SAME_START
-                and proc.status() != psutil.STATUS_ZOMBIE)
+        return (now is not None and abs(now - started) < _SAME_START
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -50,7 +53,7 @@ def launch(argv: Sequence[str], *, env: Mapping[str, str], log_path: str | os.Pa
         proc = subprocess.Popen(list(argv), env=dict(env), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                 start_new_session=True)
-    return proc, start_time(proc.pid) or time.time()
+    return proc, start_time(proc.pid) or 0.0
 
 
 def _groups_of_descendants(pid: int) -> set[int]:
