@@ -17,6 +17,13 @@ from aifab.api import ENDED, Status
 from aifab.session import ENV_PUBLIC_URL, ENV_SERVER_TOKEN, ENV_SERVER_URL
 
 
+def kernel_path(path: str) -> str:
+    """A path that exists relative to the kernel's folder, made absolute: the server resolves
+    relative paths against its own folder. Anything else (a model name) stays as it is."""
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else path
+
+
 class ServiceRequestError(RuntimeError):
     """The session services refused a request; the message is theirs."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aifab.api import FineTuneOptions, Status
 
-from .client import ServiceHandle, ServiceRequestError, SessionClient
+from .client import ServiceHandle, ServiceRequestError, SessionClient, kernel_path
 
 __all__ = ["FineTuneError", "FineTuneOptions", "FineTuneRun", "attach", "finetune"]
 
@@ -23,11 +23,6 @@ __all__ = ["FineTuneError", "FineTuneOptions", "FineTuneRun", "attach", "finetun
 class FineTuneError(ValueError):
     """A fine-tune request refused before any process starts (the server's message)."""
 
-
-def _kernel_path(path: str) -> str:
-    """A path relative to the kernel's folder means that folder, not the server's."""
-    expanded = os.path.expanduser(path)
-    return os.path.abspath(expanded) if os.path.exists(expanded) else path
 
 
 def _lines(path: Path) -> list[str]:
@@ -94,7 +89,7 @@ def finetune(model: str, data: str, serve: bool = False, **kw) -> FineTuneRun:
     opts = FineTuneOptions(model=model, data=data, **kw)
     # data is a path (made absolute here, so a message names the kernel's folder); model may
     # also be a name in the shared cache or a Hugging Face id
-    opts.model = _kernel_path(opts.model)
+    opts.model = kernel_path(opts.model)
     opts.data = os.path.abspath(os.path.expanduser(opts.data))
     if opts.output:
         opts.output = os.path.abspath(os.path.expanduser(opts.output))

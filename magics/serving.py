@@ -3,10 +3,9 @@ session (it outlives the kernel), reached through Jupyter's authenticated proxy.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
-from .client import ServiceHandle, SessionClient
+from .client import ServiceHandle, SessionClient, kernel_path
 
 
 class Served(ServiceHandle):
@@ -63,17 +62,12 @@ def serve(
     spec = {"kind": "vllm", "name": name or default_name(model), "model": model,
             "gpus": gpus, "tensor_parallel": tensor_parallel,
             "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
-            "loras": {k: _local_path(v) for k, v in (loras or {}).items()},
+            "loras": {k: kernel_path(v) for k, v in (loras or {}).items()},
             "extra_args": list(extra_args)}
     svc = client.create(spec)
     served = Served(svc["name"], client)
     return served.wait_ready(timeout) if wait else served
 
-
-def _local_path(path: str) -> str:
-    """A path relative to the kernel's folder means that folder, not the server's."""
-    expanded = os.path.expanduser(path)
-    return os.path.abspath(expanded) if os.path.exists(expanded) else path
 
 
 def default_name(model: str) -> str:

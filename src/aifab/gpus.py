@@ -51,13 +51,6 @@ def parse_gpu_request(spec) -> tuple[str, object]:
                           "(0,1) or all")
 
 
-def requested_count(spec, visible_count: int) -> int:
-    """How many GPUs a request asks for, before the ledger places it."""
-    kind, value = parse_gpu_request(spec)
-    if kind == "all":
-        return visible_count
-    return int(value) if kind == "count" else len(value)
-
 
 @dataclass(frozen=True)
 class PhysicalGPU:
