@@ -57,12 +57,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 # The fast tier needs the package and the test tools only: no torch, vLLM or system packages.
+# uv resolves and installs them in parallel (about 7 s on a fresh machine, pip takes about a
+# minute); it installs into this venv like pip and is itself a wheel from PyPI. --native-tls:
+# the system's certificates, as pip uses them. Where uv cannot be had, pip does the same work.
 $(CHECK_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q ".[test]"
+	$(BIN)/pip install -q uv && $(BIN)/uv pip install -q --native-tls --python $(BIN)/python \
+		".[test]" || $(BIN)/pip install -q ".[test]"
 	touch $@
 
 check: $(CHECK_STAMP)
-	$(BIN)/pip install -q --no-deps --force-reinstall .
+	@if test -x $(BIN)/uv; then $(BIN)/uv pip install -q --native-tls --python $(BIN)/python \
+		--no-deps --reinstall .; else $(BIN)/pip install -q --no-deps --force-reinstall .; fi
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q tests/unit
 
