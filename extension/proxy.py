@@ -72,6 +72,9 @@ def forget(svc) -> None:
         client.close()
 
 
+JUPYTER_QUERY_CREDENTIALS = frozenset({"token", "_xsrf"})
+
+
 class _Connections(TCPClient):
     """A TCPClient that keeps the connections it opened, so that ``close_all`` can end them."""
 
@@ -184,10 +187,11 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         uri = super().get_client_uri(protocol, host, port, proxied_path)
         if not self.request.query:
             return uri
-        # Jupyter's ?token= stays here; the rest of the query goes on
+        # Jupyter's ?token= and ?_xsrf= (its XSRF token, as a form field) stay here; the
+        # rest of the query goes on
         uri = uri[:-len(self.request.query) - 1]
         params = [(k, v) for k, v in parse_qsl(self.request.query, keep_blank_values=True)
-                  if k != "token"]
+                  if k not in JUPYTER_QUERY_CREDENTIALS]
         return f"{uri}?{urlencode(params)}" if params else uri
 
     def proxy_request_options(self) -> dict:

@@ -63,7 +63,7 @@ class LocalSessionSpawner(SimpleLocalProcessSpawner):
     @default("cmd")
     def _cmd_default(self):
         # the single-user server of this very environment, not whatever PATH finds first,
-        # through our launcher (it defers a slow import, see aifab/singleuser.py)
+        # through our launcher (it defers a slow import, see spawners/singleuser.py)
         bindir = os.path.join(sys.prefix, "bin")
         return [os.path.join(bindir, "aifab-singleuser"),
                 os.path.join(bindir, "jupyterhub-singleuser")]

@@ -1,12 +1,16 @@
 """The newcomer's path in a real browser: Playwright drives Debian's chromium (headless) through
 `make demo`'s hub: log in with the class password, choose a profile in the options form,
 start, land in JupyterLab, open tutorial 4, run its cells, see the %serve widget reach "ready"
-and the model's answer in the page. Screenshots of the form, the widget and the answer go to
-test-artifacts/browser/."""
+and the model's answer in the page; then `llm.stop()` turns that widget to "stopped", and a
+second served model whose vLLM is killed turns its widget to "failed" with vLLM's last log
+lines. Screenshots of the form, the widgets and the answer go to test-artifacts/browser/."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -118,3 +122,54 @@ def _walk_the_newcomer_path(demo_hub, page) -> None:
     page.screenshot(path=SHOTS / "3-chat-answer.png")
     page.locator('text=/"content":"pong"/').wait_for(timeout=120_000)  # and through curl
     assert error.count() == 0, error.first.inner_text()[-3000:]
+
+    # the widget follows the service to its end: a stop from the handle turns it to stopped
+    serve_output = page.locator(".jp-Cell", has_text="vLLM: chat").locator(".jp-Cell-outputArea")
+    _run_new_cell(page, "llm.stop()")
+    serve_output.get_by_text("stopped", exact=True).wait_for(timeout=60_000)
+    assert serve_output.get_by_role("button", name="Stop").is_disabled()
+    serve_output.scroll_into_view_if_needed()
+    page.screenshot(path=SHOTS / "4-serve-widget-stopped.png")
+
+    # and a vLLM that dies turns its widget to failed, with vLLM's own last lines
+    _run_new_cell(page, "crash = %serve $MODEL --name crash --max-model-len 256")
+    crash_output = page.locator(".jp-Cell", has_text="vLLM: crash").locator(".jp-Cell-outputArea")
+    crash_output.get_by_text(re.compile(r"ready after \d+s")).wait_for(timeout=400_000)
+    server = _vllm_server_of(demo_hub, "crash")
+    log_lines = [line for line in _service_log(server).splitlines() if line.strip()]
+    server.send_signal(signal.SIGKILL)
+    crash_output.get_by_text(re.compile(r"^failed: exited")).wait_for(timeout=60_000)
+    assert crash_output.get_by_role("button", name="Stop").is_disabled()
+    shown = crash_output.inner_text()
+    assert log_lines and log_lines[-1].strip() in shown, (log_lines[-3:], shown[-2000:])
+    crash_output.scroll_into_view_if_needed()
+    page.screenshot(path=SHOTS / "5-serve-widget-failed.png")
+    assert error.count() == 0, error.first.inner_text()[-3000:]
+
+
+def _run_new_cell(page, code: str) -> None:
+    """Add a cell at the end of the notebook and run it, as a person does with the keyboard."""
+    page.locator(".jp-Notebook .jp-Cell").last.click()
+    page.keyboard.press("Escape")  # command mode
+    page.keyboard.press("b")  # a new cell below, selected
+    page.keyboard.press("Enter")  # edit it
+    page.keyboard.insert_text(code)  # as typed, without the editor closing brackets
+    page.keyboard.press("Shift+Enter")
+
+
+def _vllm_server_of(hub, served_name: str, timeout: float = 30) -> psutil.Process:
+    """The vLLM API server (the service's own process, not its engine child) of one model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or [])
+                 and served_name in (p.info["cmdline"] or [])]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no vLLM process serves {served_name!r}")
+
+
+def _service_log(server: psutil.Process) -> str:
+    """The service's log, in its folder (the process's working directory)."""
+    return (Path(server.cwd()) / "service.log").read_text(errors="replace")
