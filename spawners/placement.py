@@ -17,7 +17,7 @@ from jupyterhub.spawner import Spawner
 from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-from traitlets import Any, Dict, List, Type, Unicode, default, observe
+from traitlets import Any, Dict, Int, List, Type, Unicode, default, observe
 
 from aifab.session import CONTRACT_PREFIX, ENV_POD_NAME, ENV_WALLTIME_END, Session
 
@@ -26,6 +26,7 @@ from .form import render_form
 from .options import OPTION_KEYS, OptionsError, Placement, options_from_form, validate_options
 from .port_api import install_port_handler
 from .profiles import Profile, ProfileConfigError, load_profiles, load_profiles_file
+from .start_queue import hub_queue
 
 STATE_VERSION = 1
 
@@ -83,6 +84,14 @@ class PlacementSpawner(Spawner):
     kubernetes_spawner_class = Type(
         "aifab.spawners.kubernetes.KubeSessionSpawner", klass=Spawner,
         help="Spawner for profiles with backend 'kubernetes' (a kubespawner.KubeSpawner).",
+    ).tag(config=True)
+
+    concurrent_starts = Int(
+        0,
+        help="""At most this many sessions start at once in this hub (0: no limit). The others
+        wait in line and their start page says how many are starting before them, instead
+        of the 429 of JupyterHub's concurrent_spawn_limit (keep that one above the class
+        size). A wait in line counts against the profile's start timeout.""",
     ).tag(config=True)
 
     # JupyterHub's Dict trait would refuse a REST body that is a list, a string or a number
@@ -256,11 +265,33 @@ class PlacementSpawner(Spawner):
         child.admin_access = self.admin_access
         child.cert_paths = self.cert_paths
         child.handler = self.handler
-        self.log.info("%s: starting profile %r on %s", self._log_name, self.placement.profile,
-                      self.placement.backend)
-        where = await child.start()
-        await self._wait_until_listening(where)
+        queue = hub_queue(self.concurrent_starts)
+        self._ticket = ticket = queue.enter()
+        try:
+            if not ticket.done():
+                self.log.info("%s: %d session(s) are starting before this one; waiting",
+                              self._log_name, queue.ahead_of(ticket))
+                await ticket
+            self.log.info("%s: starting profile %r on %s", self._log_name,
+                          self.placement.profile, self.placement.backend)
+            where = await child.start()
+            await self._wait_until_listening(where)
+        finally:
+            queue.leave(ticket)
         return where
+
+    _ticket = None
+
+    async def _queue_progress(self):
+        """While this start waits in the hub's line: how many are starting before it."""
+        queue, last = hub_queue(self.concurrent_starts), None
+        while self._ticket is not None and not self._ticket.done():
+            ahead = queue.ahead_of(self._ticket)
+            if ahead != last:
+                last = ahead
+                many = "sessions are" if ahead != 1 else "session is"
+                yield {"progress": 3, "message": f"{ahead} {many} starting before yours"}
+            await asyncio.sleep(0.5)
 
     async def _wait_until_listening(self, where) -> None:
         """Return as soon as the server answers HTTP at all.
@@ -310,6 +341,8 @@ class PlacementSpawner(Spawner):
         if p is not None:
             yield {"progress": 5, "message": f"Profile {p.profile!r}: {p.gpus} GPU(s), "
                                              f"{p.cpus} CPU(s), {p.memory_gb} GiB"}
+        async for event in self._queue_progress():
+            yield event
         if self.child is not None:
             async for event in self.child.progress():
                 yield event

@@ -10,6 +10,8 @@ squeue, learn the port from the job) and replace the parts the field has learned
 * the start-up and stop waits back off with jitter from 0.1 s (jupyterhub's
   exponential_backoff) instead of polling in lock-step at a fixed 0.5 s, and progress says
   why a job waits (Slurm's reason: Resources, Priority, ...);
+* all the hub's sessions share one ``squeue`` per round (see slurm_poller): a class of 100
+  is not 100 controller calls per poll interval;
 * batchspawner's settings that this spawner would ignore (``req_*``, ``batch_script``, the
   command strings, the state regexes) are refused when set (see batchspawner_settings).
 """
@@ -26,7 +28,7 @@ import time
 from batchspawner import SlurmSpawner
 from batchspawner.batchspawner import JobStatus
 from jupyterhub.utils import exponential_backoff
-from traitlets import Float, List, Unicode, default
+from traitlets import Bool, Float, List, Unicode, default
 
 from aifab import slurm
 from aifab.names import ENV_NAME, HOSTNAME, SLURM_JOB_ID
@@ -40,9 +42,11 @@ from aifab.session import (
 )
 from aifab.walltime import format_walltime
 
+from . import metrics
 from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
 from .options import Placement
 from .profiles import SlurmSettings
+from .slurm_poller import JobLine, Unknown, shared_poller
 
 # "%T %r %B": state, reason, batch host. Host is "n/a"/"(null)" while pending.
 SQUEUE_FORMAT = "%T %r %B"
@@ -61,6 +65,9 @@ SlurmCommandError = slurm.SlurmError
 
 __all__ = ["SlurmCommandError", "SlurmConfigError", "SlurmSessionSpawner",
            "configure_slurm_child", "gres_for", "render_batch_script"]
+
+
+metrics.register()  # the hub's /hub/metrics shows its Slurm commands
 
 
 def gres_for(gpus: int, settings: SlurmSettings) -> str:
@@ -157,6 +164,31 @@ class SlurmSessionSpawner(SlurmSpawner):
         0.1, help="First interval (s) between squeue polls while starting; grows to 2 s."
     ).tag(config=True)
 
+    shared_poll = Bool(
+        True,
+        help="""Serve every Slurm session of this hub from one squeue per round (all the hub's
+        jobs in one --jobs list) instead of one squeue per session, as batchspawner does.""",
+    ).tag(config=True)
+
+    shared_poll_prefix = List(
+        Unicode(),
+        default_value=[],
+        help="""argv run before the shared squeue. It lists the jobs of all users, so it runs
+        as one identity, the hub's own by default (squeue shows other users' jobs unless the
+        site sets PrivateData=jobs; then give it an account that may see them).""",
+    ).tag(config=True)
+
+    shared_poll_gap = Float(
+        1.0,
+        help="""Least seconds between two shared squeue rounds (with +-25% jitter), however
+        many sessions ask; doubled per failed round while slurmctld does not answer, up to
+        shared_poll_max_backoff.""",
+    ).tag(config=True)
+
+    shared_poll_max_backoff = Float(
+        60.0, help="Most seconds between two shared squeue rounds while slurmctld is down."
+    ).tag(config=True)
+
     job_output = Unicode(
         "{homedir}/aifab-session-%j.log",
         help="The job's log file ({homedir} and {username} expanded; %j is the job id).",
@@ -169,7 +201,7 @@ class SlurmSessionSpawner(SlurmSpawner):
     @default("batchspawner_singleuser_cmd")
     def _bsu_default(self):
         # our launcher: reports the port like batchspawner-singleuser, ~2 s sooner (see
-        # aifab/singleuser.py); any batchspawner-compatible wrapper works here
+        # spawners/singleuser.py); any batchspawner-compatible wrapper works here
         return "aifab-singleuser"
 
     def __init__(self, **kwargs):
@@ -228,10 +260,34 @@ class SlurmSessionSpawner(SlurmSpawner):
         self.log.info("Submitted Slurm job %s for %s", job_id, self._log_name)
         return job_id
 
-    async def query_job_status(self):
+    def _poller(self):
+        return shared_poller(prefix=self.shared_poll_prefix, min_gap=self.shared_poll_gap,
+                             max_backoff=self.shared_poll_max_backoff,
+                             timeout=self.command_timeout, logger=self.log)
+
+    job_line: JobLine | None = None  # this job's line in the shared answer
+
+    async def query_job_status(self, max_age: float | None = None):
+        """The job's state from the shared poller's answer (at most ``max_age`` seconds old;
+        a start-up's short gap by default); a job that answer does not list is checked
+        once by its own id before it is called gone."""
         if not self.job_id:
             self.job_status = ""
             return JobStatus.NOTFOUND
+        if self.shared_poll:
+            try:
+                line = await self._poller().line(
+                    self.job_id, self.shared_poll_gap if max_age is None else max_age)
+            except Unknown as exc:
+                self.job_status = str(exc)
+                return JobStatus.UNKNOWN
+            self.job_line = line
+            if line is not None:
+                self.job_status = f"{line.state} {line.reason} {line.node}"
+                return self._status_of_line()
+        return await self._query_own_job()
+
+    async def _query_own_job(self):
         try:
             self.job_status = await self._call(
                 ["squeue", "-h", "-j", self.job_id, "-o", SQUEUE_FORMAT]
@@ -243,6 +299,9 @@ class SlurmSessionSpawner(SlurmSpawner):
                 return JobStatus.UNKNOWN
             # "Invalid job id specified" once the job is gone; controller trouble is UNKNOWN
             self.job_status = exc.stderr.strip()
+        return self._status_of_line()
+
+    def _status_of_line(self):
         if self.state_isrunning():
             return JobStatus.RUNNING
         if self.state_ispending():
@@ -250,6 +309,23 @@ class SlurmSessionSpawner(SlurmSpawner):
         if self.state_isunknown():
             return JobStatus.UNKNOWN
         return JobStatus.NOTFOUND
+
+    async def poll(self):
+        # the hub polls every poll_interval: an answer that old is as good as a new squeue
+        status = await self.query_job_status(max_age=self.poll_interval)
+        if status in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN):
+            return None
+        self.clear_state()
+        return 1
+
+    def clear_state(self):
+        if self.job_id and self.shared_poll:
+            try:
+                self._poller().forget(self.job_id)
+            except RuntimeError:  # no running event loop (the hub loading state): nothing held
+                pass
+        super().clear_state()
+        self.job_line = None
 
     async def cancel_batch_job(self):
         if self.job_id:
@@ -332,8 +408,12 @@ class SlurmSessionSpawner(SlurmSpawner):
         while True:
             status = self.job_status.split()[0] if self.job_status else ""
             if status in ("PENDING", "CONFIGURING"):
-                reason = self.job_reason() or "waiting"
-                msg = f"Job {self.job_id} queued ({reason})"
+                msg = self.queue_message()
+                if msg != last:
+                    yield {"progress": 30, "message": msg}
+                    last = msg
+            elif self.job_id and status not in ("RUNNING", "COMPLETING") and self.job_status:
+                msg = "Slurm does not answer at the moment; the job is kept, and asked again"
                 if msg != last:
                     yield {"progress": 30, "message": msg}
                     last = msg
@@ -344,6 +424,19 @@ class SlurmSessionSpawner(SlurmSpawner):
                                   "waiting for the server"}
                 return
             await asyncio.sleep(0.2)
+
+    def queue_message(self) -> str:
+        """What a waiting user reads: Slurm's reason, its start estimate, and how many of the
+        hub's sessions wait before this one."""
+        msg = f"Job {self.job_id} queued ({self.job_reason() or 'waiting'})"
+        line = self.job_line
+        if line is not None and line.estimated_start:
+            msg += f"; Slurm expects it to start at {line.estimated_start.replace('T', ' ')}"
+        ahead = self._poller().pending_before(self.job_id) if self.shared_poll else None
+        if ahead:
+            msg += (f"; {ahead} session{'s' if ahead > 1 else ''} of this hub "
+                    f"{'are' if ahead > 1 else 'is'} waiting before yours")
+        return msg
 
     async def stop(self, now=False):
         if not self.job_id:

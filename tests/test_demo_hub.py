@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.browserless import HubSession, form_fields
+from aifab.spawners.hub_client import HubSession, form_fields
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "demo" / "jupyterhub_config.py"

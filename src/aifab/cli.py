@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_doctor)
 
+    from aifab.spawners.loadtest import build_parser as loadtest_parser
+
+    loadtest_parser(sub)
+
     r = sub.add_parser("config-reference",
                        help="print the configuration reference (docs/config-reference.md)")
     r.set_defaults(func=lambda _args: __import__("aifab.config_reference",

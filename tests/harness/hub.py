@@ -82,7 +82,7 @@ class Hub:
             f"{self.token!r}}}]",
             "c.JupyterHub.load_roles = [{'name': 'aifab-test', 'services': ['aifab-test'], "
             "'scopes': ['admin:users', 'admin:servers', 'admin:groups', 'access:servers', "
-            "'read:users', 'list:users', 'read:users:activity', 'tokens']}]",
+            "'read:users', 'list:users', 'read:users:activity', 'tokens', 'read:metrics']}]",
             self.extra_config,
         ]
         path = self.root / "jupyterhub_config.py"

@@ -57,16 +57,20 @@ class Script:
         return [c.argv[0] for c in self.calls]
 
 
-def make_spawner(script: Script, monkeypatch, config: Config | None = None):
+def make_spawner(script: Script, monkeypatch, config: Config | None = None, *,
+                 shared_poll: bool = False, name: str = "ada"):
+    """A spawner on a scripted Slurm; by default polling its own job (batchspawner's way,
+    and the shared poller's fallback); tests/unit/test_slurm_poller.py checks the shared way."""
     monkeypatch.setattr(slurm_spawner.slurm, "arun", script)
-    user = SimpleNamespace(name="ada", url="/user/ada/", escaped_name="ada", admin=False,
+    user = SimpleNamespace(name=name, url=f"/user/{name}/", escaped_name=name, admin=False,
                            groups=[], settings={}, id=1)
     sp = SlurmSessionSpawner(user=user, config=config or Config(), startup_poll_interval=0.001,
-                             cmd=["jupyterhub-singleuser"])
+                             cmd=["jupyterhub-singleuser"], shared_poll=shared_poll,
+                             shared_poll_gap=0.001)
     # what needs a hub or a Unix account: the job's environment, arguments and home
     sp.get_env = lambda: {"JUPYTERHUB_API_TOKEN": "tok", "PATH": "/usr/bin"}
     sp.get_args = lambda: ["--debug"]
-    sp._homedir = lambda: "/home/ada"
+    sp._homedir = lambda: f"/home/{name}"
     sp.placement, sp.slurm_settings = PLACEMENT, SETTINGS
     return sp
 

@@ -1,6 +1,6 @@
 """A person's path through a hub, without a browser: log in with the form, press Start on
 the options form, follow the redirects into JupyterLab. Uses requests with cookies and the
-hub's XSRF token, exactly as the pages do."""
+hub's XSRF token, exactly as the pages do. ``aifab loadtest`` and the tests walk it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class HubSession:
         token = self.http.cookies.get("_xsrf", path="/hub/")
         if token is None:
             token = next((c.value for c in self.http.cookies if c.name == "_xsrf"), None)
-        assert token, "the hub set no _xsrf cookie"
+        if not token:
+            raise RuntimeError("the hub set no _xsrf cookie (is this a JupyterHub login page?)")
         return token
 
     def login(self, username: str, password: str) -> requests.Response:
@@ -50,6 +51,15 @@ class HubSession:
                 return srv
             time.sleep(0.2)
         raise TimeoutError(f"{username}'s server not ready after {timeout}s")
+
+    def new_token(self, username: str, note: str) -> str:
+        """An API token of this user, made with their login (it has the user's own
+        permissions: their server, their kernels), for the REST calls that follow."""
+        r = self.http.post(f"{self.base}/hub/api/users/{username}/tokens", timeout=30,
+                           json={"note": note, "expires_in": 3600},
+                           headers={"X-XSRFToken": self._xsrf()})
+        r.raise_for_status()
+        return r.json()["token"]
 
     def open(self, path: str) -> requests.Response:
         """GET a page behind the proxy (follows the OAuth redirects into the server)."""
