@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from aifab.magics.dask_cluster import wait_for_workers
-from tests.harness.slurm import SlurmCluster, SlurmConfig
+from tests.harness.slurm import SlurmCluster, gh200_cluster
 
 JOB = {"cores": 1, "memory": "1GiB", "walltime": "00:30:00"}
 
@@ -65,8 +65,7 @@ def main(argv=None) -> None:
                        "AIFAB_WALLTIME_END": str(int(time.time()) + 3 * 3600)})
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     root.chmod(0o755)
-    slurm = SlurmCluster(SlurmConfig(root=root / "slurm", cpus=288, mem_mb=470_000,
-                                     gpu_type="gh200", partitions=("debug",)))
+    slurm = gh200_cluster(root / "slurm", partitions=("debug",))
     slurm.start()
     bare, ours = [], []
     try:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness.slurm import SlurmCluster, SlurmConfig
+from tests.harness.slurm import gh200_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,8 +50,7 @@ def main(argv=None) -> None:
     root.chmod(0o755)
     src = root / "records.jsonl"
     write_records(src, args.records)
-    slurm = SlurmCluster(SlurmConfig(root=root / "slurm", cpus=288, mem_mb=470_000,
-                                     gpu_type="gh200", partitions=("debug",)))
+    slurm = gh200_cluster(root / "slurm", partitions=("debug",))
     slurm.start()
     rates: dict[str, list[float]] = {"single": [], "workers_1": [], "workers_2": []}
 

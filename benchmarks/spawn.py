@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tests.harness.hub import Hub
-from tests.harness.slurm import SlurmCluster, SlurmConfig
+from tests.harness.slurm import SlurmCluster, gh200_cluster
 from tests.slurm_hub import SITE_CONFIG, TEST_OVERRIDES, create_hub_user, ensure_unix_user
 
 BIN = Path(sys.executable).parent
@@ -100,8 +100,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="aifab-bench-"))
     root.chmod(0o755)
-    slurm = SlurmCluster(SlurmConfig(root=root / "slurm", cpus=288, mem_mb=470_000,
-                                     gpu_type="gh200", partitions=("debug", "gh200")))
+    slurm = gh200_cluster(root / "slurm")
     slurm.start()
     hub = Hub(root / "hub", config_file=SITE_CONFIG,
               extra_config=TEST_OVERRIDES + BASELINE_CONFIG,

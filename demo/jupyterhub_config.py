@@ -68,6 +68,10 @@ BIN = Path(sys.prefix) / "bin"
 c.SlurmSessionSpawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.SlurmSessionSpawner.batchspawner_singleuser_cmd = str(BIN / "aifab-singleuser")
 c.SlurmSessionSpawner.ip = "127.0.0.1"  # the demo's Slurm is this machine
+# a class pressing Start together: ten start at once, the others are told their place in line
+# (JupyterHub's own concurrent_spawn_limit would refuse them with 429 instead)
+c.PlacementSpawner.concurrent_starts = 10
+c.JupyterHub.concurrent_spawn_limit = 200
 # newcomers land in the tutorials (docs/notebooks, copied into each user's folder)
 c.Spawner.default_url = "/lab/tree/tutorials/01-my-session.ipynb"
 c.Spawner.environment = {

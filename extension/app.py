@@ -14,9 +14,11 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Dict, Float, Unicode, default
 
 from aifab import slurm
-from aifab.session import ENV_STATE_DIR, Session
+from aifab.allocation import allowances_from_env
+from aifab.session import ENV_ALLOCATABLE, ENV_STATE_DIR, Session
 
 from . import activity, dask_jobs
+from .allocations import AllocationManager
 from .services import ServiceManager
 
 
@@ -43,6 +45,16 @@ class AifabExtension(ExtensionApp):
     ready_timeout = Float(900.0, help="Seconds a service may take to become ready.").tag(
         config=True)
 
+    allocation_idle_timeout = Float(
+        1800.0,
+        help="""Seconds a Slurm allocation of the session may hold its nodes with nothing
+        running in it (no step of its own) before it is released; 0 never releases one.""",
+    ).tag(config=True)
+    allocation_poll = Float(
+        15.0, help="Seconds between two looks at the session's running allocations (2 s "
+                   "while one queues).",
+    ).tag(config=True)
+
     extra_service_kinds = Dict(
         key_trait=Unicode(), value_trait=Unicode(),
         help="""Service kinds besides vllm and finetune: {kind: "package.module:Class"}, each a
@@ -65,18 +77,27 @@ class AifabExtension(ExtensionApp):
                                       kinds=self.extra_service_kinds)
         self.manager.adopt()
         self.settings["aifab_services"] = self.manager
+        self.allocations = AllocationManager(
+            Path(self.state_dir), dask_jobs.session_key(),
+            allowances_from_env(os.environ.get(ENV_ALLOCATABLE)), self.log,
+            idle_timeout=self.allocation_idle_timeout, poll=self.allocation_poll)
+        self.allocations.adopt()
+        self.settings["aifab_allocations"] = self.allocations
         # a stepping run and a proxied request are activity for the hub (its idle culler)
         self.activity = activity.install(self, self.manager)
         self._sweep_dask_jobs(everything=False)
 
     def initialize_handlers(self):
+        from . import allocation_handlers
         from .handlers import handlers
 
-        self.handlers.extend(handlers())
+        self.handlers.extend(handlers() + allocation_handlers.handlers())
 
     async def _start_jupyter_server_extension(self, serverapp):
         # the monitor runs on the server's event loop, which exists by now
         self.manager.start_monitor()
+        if self.allocations.allocations or self.allocations.allowances:
+            self.allocations.start_monitor()
         self.activity.start()
         from .handlers import quiet_polls
 
@@ -120,4 +141,5 @@ class AifabExtension(ExtensionApp):
         self.log.info("aifab: server stopping; stopping the session's services")
         self.activity.stop()
         await self.manager.shutdown()
+        await self.allocations.shutdown()
         self._sweep_dask_jobs(everything=True)

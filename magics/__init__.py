@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 def load_ipython_extension(ipython) -> None:
+    from .allocating import AllocMagics
     from .dask_magic import DaskMagics
     from .finetune_magic import FineTuneMagics
     from .serve_magic import ServeMagics
@@ -17,6 +18,7 @@ def load_ipython_extension(ipython) -> None:
     ipython.register_magics(ServeMagics)
     ipython.register_magics(FineTuneMagics)
     ipython.register_magics(DaskMagics)
+    ipython.register_magics(AllocMagics)
 
 
 def unload_ipython_extension(ipython) -> None:  # IPython has no unregister; nothing to undo

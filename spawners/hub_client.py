@@ -52,14 +52,14 @@ class HubSession:
             time.sleep(0.2)
         raise TimeoutError(f"{username}'s server not ready after {timeout}s")
 
-    def new_token(self, username: str, note: str) -> str:
-        """An API token of this user, made with their login (it has the user's own
-        permissions: their server, their kernels), for the REST calls that follow."""
+    def new_token(self, username: str, note: str) -> tuple[str, str]:
+        """An API token of this user and its id, made with their login (it has the user's
+        own permissions: their server, their kernels), for the REST calls that follow."""
         r = self.http.post(f"{self.base}/hub/api/users/{username}/tokens", timeout=30,
                            json={"note": note, "expires_in": 3600},
                            headers={"X-XSRFToken": self._xsrf()})
         r.raise_for_status()
-        return r.json()["token"]
+        return r.json()["token"], r.json()["id"]
 
     def open(self, path: str) -> requests.Response:
         """GET a page behind the proxy (follows the OAuth redirects into the server)."""

@@ -50,6 +50,8 @@ METRIC_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?
 class Participant:
     name: str
     token: str = ""  # given (--tokens-file) or made after logging in
+    token_id: str = ""  # set when the load test made the token (it revokes it at the end)
+    started: bool = False  # only a server this test started is stopped by it
     times: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
@@ -86,8 +88,10 @@ def run_participant(hub: str, who: Participant, *, password: str, profile: str,
     except Exception as exc:  # a participant's failure is reported, the others go on
         who.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
-        if who.token:
+        if who.started:
             _stop_server(hub, who, deadline)
+        if who.token_id:
+            _revoke_token(hub, who)
 
 
 def _walk(hub, who, *, password, profile, options, cell, expect, deadline) -> None:
@@ -99,8 +103,11 @@ def _walk(hub, who, *, password, profile, options, cell, expect, deadline) -> No
         if r.status_code != 200 or "/hub/login" in r.url:
             raise RuntimeError(f"login refused (HTTP {r.status_code})")
         who.times["login"] = time.perf_counter() - t0
-        who.token = person.new_token(who.name, "aifab loadtest")
+        who.token, who.token_id = person.new_token(who.name, "aifab loadtest")
     auth = {"Authorization": f"token {who.token}"}
+    model = requests.get(f"{hub}/hub/api/users/{user}", headers=auth, timeout=30).json()
+    if model.get("servers") or model.get("pending"):
+        raise RuntimeError("this user already has a server: the load test leaves it alone")
 
     t0 = time.perf_counter()
     body = {"profile": profile, **options} if profile else dict(options)
@@ -108,6 +115,7 @@ def _walk(hub, who, *, password, profile, options, cell, expect, deadline) -> No
                       timeout=60)
     if r.status_code not in (201, 202):
         raise RuntimeError(f"start refused: HTTP {r.status_code} {r.text[:300]}")
+    who.started = True
     while True:
         model = requests.get(f"{hub}/hub/api/users/{user}", headers=auth, timeout=30).json()
         server = model.get("servers", {}).get("")
@@ -116,7 +124,7 @@ def _walk(hub, who, *, password, profile, options, cell, expect, deadline) -> No
         if not server and not model.get("pending"):
             raise RuntimeError("the server's start failed (see the hub's log)")
         _check_time(deadline, "waiting for the server")
-        time.sleep(0.25)
+        time.sleep(1.0)  # as a browser's spawn page does not hammer the hub either
     who.times["spawn"] = time.perf_counter() - t0
 
     base = f"{hub}/user/{user}"
@@ -207,10 +215,19 @@ def _stop_server(hub: str, who: Participant, deadline: float) -> None:
             if not model.get("servers") and not model.get("pending"):
                 who.times["stop"] = time.perf_counter() - t0
                 return
-            time.sleep(0.25)
+            time.sleep(1.0)
         who.error = who.error or "the server did not stop"
     except requests.RequestException as exc:
         who.error = who.error or f"stop: {exc}"
+
+
+def _revoke_token(hub: str, who: Participant) -> None:
+    user, auth = quote(who.name, safe=""), {"Authorization": f"token {who.token}"}
+    try:
+        requests.delete(f"{hub}/hub/api/users/{user}/tokens/{who.token_id}", headers=auth,
+                        timeout=30)
+    except requests.RequestException:
+        pass  # it expires within the hour anyway
 
 
 def _check_time(deadline: float, what: str) -> None:

@@ -19,7 +19,14 @@ from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any, Dict, Int, List, Type, Unicode, default, observe
 
-from aifab.session import CONTRACT_PREFIX, ENV_POD_NAME, ENV_WALLTIME_END, Session
+from aifab.allocation import allowances_to_env
+from aifab.session import (
+    CONTRACT_PREFIX,
+    ENV_ALLOCATABLE,
+    ENV_POD_NAME,
+    ENV_WALLTIME_END,
+    Session,
+)
 
 from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
 from .form import render_form
@@ -231,6 +238,10 @@ class PlacementSpawner(Spawner):
             contract[ENV_WALLTIME_END] = str(int(end))
             contract[ENV_POD_NAME] = child.pod_name
             configure_kube_child(child, placement, profile)
+        # the Slurm profiles this user may use: the session may hold allocations of them
+        slurm_profiles = [p for p in self.visible_profiles() if p.backend == "slurm"]
+        if slurm_profiles:
+            contract[ENV_ALLOCATABLE] = allowances_to_env([p.allowance() for p in slurm_profiles])
         extra = profile.session_environment() if profile is not None else {}
         child.environment = {**child.environment, **extra, **contract}
 
@@ -274,10 +285,13 @@ class PlacementSpawner(Spawner):
                 await ticket
             self.log.info("%s: starting profile %r on %s", self._log_name,
                           self.placement.profile, self.placement.backend)
+            # a job waiting in Slurm's queue needs nothing of the hub: its slot goes on
+            child.on_queued = lambda: queue.leave(ticket)
             where = await child.start()
             await self._wait_until_listening(where)
         finally:
             queue.leave(ticket)
+            self._ticket = None
         return where
 
     _ticket = None
@@ -290,7 +304,7 @@ class PlacementSpawner(Spawner):
             if ahead != last:
                 last = ahead
                 many = "sessions are" if ahead != 1 else "session is"
-                yield {"progress": 3, "message": f"{ahead} {many} starting before yours"}
+                yield {"progress": 7, "message": f"{ahead} {many} starting before yours"}
             await asyncio.sleep(0.5)
 
     async def _wait_until_listening(self, where) -> None:
@@ -314,6 +328,9 @@ class PlacementSpawner(Spawner):
         # the child's poll may run squeue: jittered, so sessions started together do not poll
         # the controller in lock-step
         next_poll = time.monotonic() + random.uniform(0.75, 1.25)
+        # 50 ms at first (a server that is up is seen at once), growing to 0.5 s: ten starts
+        # knocking every 50 ms would be 200 requests a second from the hub's own loop
+        wait = 0.05
         while time.monotonic() < deadline:
             try:
                 await client.fetch(url, request_timeout=2, raise_error=False)
@@ -325,7 +342,8 @@ class PlacementSpawner(Spawner):
                 next_poll = time.monotonic() + random.uniform(0.75, 1.25)
                 if await self.child.poll() is not None:
                     return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(wait * random.uniform(0.75, 1.25))
+            wait = min(0.5, wait * 1.5)
 
     async def poll(self):
         if self.child is None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aifab.allocation import Allowance
 from aifab.names import SLURM_NAME, SLURM_NAME_RULE
 from aifab.session import ENV_MODEL_CACHE, SLURM_PREFIX, SPAWNER_SET
 from aifab.walltime import format_walltime, is_ambiguous, parse_walltime, readings
@@ -31,7 +32,7 @@ CACHE_PATH = re.compile(r"/[A-Za-z0-9_./-]{0,1000}")
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 # set by the spawner (the session contract, the model cache): not a profile's to change
 RESERVED_ENV = {*SPAWNER_SET, "HF_HUB_CACHE", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES"}
-CHOICE_KEYS = ("gpus", "cpus", "memory_gb", "walltime", "image")
+CHOICE_KEYS = ("gpus", "cpus", "memory_gb", "walltime", "image", "nodes")
 PROFILE_KEYS = {
     "slug", "display_name", "description", "backend", "default", "allowed_users",
     "allowed_groups", "choices", "slurm", "kubernetes", "local", "model_cache", "environment",
@@ -66,6 +67,8 @@ class Choices:
     cpus: IntRange = IntRange(1, 1, 1)
     memory_gb: IntRange = IntRange(2, 1, 2)
     walltime: IntRange = IntRange(3600, 60, 3600)  # seconds
+    # nodes of an allocation a session holds (a session itself is one node)
+    nodes: IntRange = IntRange(1, 1, 1)
     # user-visible key -> the admin's image / uenv / container reference
     images: Mapping[str, str] = field(default_factory=dict)
     default_image: str = ""
@@ -118,6 +121,16 @@ class Profile:
                         # Hugging Face names (org/model) resolve from the cache, offline
                         "HF_HUB_CACHE": self.model_cache, "HF_HUB_OFFLINE": "1"})
         return env
+
+    def allowance(self):
+        """What a session may allocate with this Slurm profile (aifab.allocation)."""
+        c, s = self.choices, self.slurm
+        return Allowance(
+            profile=self.slug, partition=s.partition, account=s.account, qos=s.qos,
+            reservation=s.reservation, constraint=s.constraint, gres_type=s.gres_type,
+            max_nodes=c.nodes.max, max_gpus=c.gpus.max, max_cpus=c.cpus.max,
+            max_memory_gb=c.memory_gb.max, max_walltime_s=c.walltime.max,
+            default_walltime_s=c.walltime.default)
 
     def visible_to(self, username: str, groups: Sequence[str], admin: bool) -> bool:
         if admin or not (self.allowed_users or self.allowed_groups):
@@ -279,6 +292,7 @@ def _choices(raw: Mapping, err) -> Choices:
         cpus=_int_range(raw.get("cpus"), "choices.cpus", err, 1, Choices.cpus),
         memory_gb=_int_range(raw.get("memory_gb"), "choices.memory_gb", err, 1, Choices.memory_gb),
         walltime=walltime,
+        nodes=_int_range(raw.get("nodes"), "choices.nodes", err, 1, Choices.nodes),
         images=images,
         default_image=default_image,
     )

@@ -46,14 +46,16 @@ from . import metrics
 from .batchspawner_settings import SlurmConfigError, check_config, slurm_sections
 from .options import Placement
 from .profiles import SlurmSettings
-from .slurm_poller import JobLine, Unknown, shared_poller
+from .slurm_poller import INVALID_JOB, JobLine, Unknown, shared_poller
 
 # "%T %r %B": state, reason, batch host. Host is "n/a"/"(null)" while pending.
 SQUEUE_FORMAT = "%T %r %B"
 SESSION_COMMENT = "aifab-session"
 # squeue's long state names (what %T prints)
-PENDING_STATES = re.compile(r"^(?:PENDING|CONFIGURING)\b")
-RUNNING_STATES = re.compile(r"^(?:RUNNING|COMPLETING)\b")
+# (a requeued or preempted job comes back to the queue; a suspended one still holds its node)
+PENDING_STATES = re.compile(r"^(?:PENDING|CONFIGURING|REQUEUED|REQUEUE_HOLD|REQUEUE_FED|"
+                            r"RESIZING|PREEMPTED)\b")
+RUNNING_STATES = re.compile(r"^(?:RUNNING|COMPLETING|SUSPENDED|STOPPED|SIGNALING|STAGE_OUT)\b")
 # what squeue says when the controller does not answer: the job may well be running
 CONTROLLER_TROUBLE = re.compile(r"^slurm_load_jobs error: (?:Socket timed out on send/recv|"
                                 r"Unable to contact slurm controller)")
@@ -266,6 +268,7 @@ class SlurmSessionSpawner(SlurmSpawner):
                              timeout=self.command_timeout, logger=self.log)
 
     job_line: JobLine | None = None  # this job's line in the shared answer
+    on_queued = None  # called once when the job waits in Slurm's queue (PlacementSpawner)
 
     async def query_job_status(self, max_age: float | None = None):
         """The job's state from the shared poller's answer (at most ``max_age`` seconds old;
@@ -293,12 +296,13 @@ class SlurmSessionSpawner(SlurmSpawner):
                 ["squeue", "-h", "-j", self.job_id, "-o", SQUEUE_FORMAT]
             )
         except slurm.SlurmError as exc:
-            if exc.timed_out or exc.returncode == 127:
-                # squeue timed out or is missing: we know nothing, the job may run
-                self.job_status = ""
-                return JobStatus.UNKNOWN
-            # "Invalid job id specified" once the job is gone; controller trouble is UNKNOWN
-            self.job_status = exc.stderr.strip()
+            if exc.returncode == 1 and INVALID_JOB.search(exc.stderr):
+                self.job_status = ""  # Slurm's own answer: the job is gone
+                return JobStatus.NOTFOUND
+            # anything else (a timeout, a controller or munge that is down, a hub out of file
+            # descriptors) says nothing about the job: it may well run
+            self.job_status = f"squeue failed: {(exc.stderr or str(exc)).strip()[-200:]}"
+            return JobStatus.UNKNOWN
         return self._status_of_line()
 
     def _status_of_line(self):
@@ -365,6 +369,9 @@ class SlurmSessionSpawner(SlurmSpawner):
             status = await self.query_job_status()
             if status == JobStatus.RUNNING:
                 return True
+            if status == JobStatus.PENDING and self.on_queued is not None:
+                self.on_queued()  # the hub's start line: Slurm sets the pace from here
+                self.on_queued = None
             if status not in (JobStatus.PENDING, JobStatus.UNKNOWN):
                 job, last = self.job_id, self.job_status
                 await self._cancel_quietly()
@@ -406,18 +413,17 @@ class SlurmSessionSpawner(SlurmSpawner):
                                               f"{format_walltime(placement.walltime_s)})"}
         last = None
         while True:
-            status = self.job_status.split()[0] if self.job_status else ""
-            if status in ("PENDING", "CONFIGURING"):
+            if self.state_ispending():
                 msg = self.queue_message()
                 if msg != last:
                     yield {"progress": 30, "message": msg}
                     last = msg
-            elif self.job_id and status not in ("RUNNING", "COMPLETING") and self.job_status:
+            elif self.job_id and self.job_status and not self.state_isrunning():
                 msg = "Slurm does not answer at the moment; the job is kept, and asked again"
                 if msg != last:
                     yield {"progress": 30, "message": msg}
                     last = msg
-            elif status in ("RUNNING", "COMPLETING"):
+            elif self.state_isrunning():
                 host = self.state_gethost() if self.job_status else ""
                 yield {"progress": 60,
                        "message": f"Job {self.job_id} starting on node {host}; "

@@ -30,9 +30,10 @@ log = logging.getLogger("aifab.slurm_poller")
 
 # job id, long state, reason, batch host, expected start: "|" never occurs in any of them
 SQUEUE_FORMAT = "%i|%T|%r|%B|%S"
-# what squeue prints when the controller does not answer
-CONTROLLER_TROUBLE = re.compile(r"slurm_load_jobs error: (?:Socket timed out on send/recv|"
-                                r"Unable to contact slurm controller)")
+# squeue's answer when none of the jobs asked about is known (any more): the only error that
+# is an answer; every other failure is trouble, and no job is declared gone for it
+INVALID_JOB = re.compile(r"slurm_load_jobs error: Invalid job id specified")
+MAX_JOBS_PER_CALL = 1000
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class JobLine:
 
 class Unknown(Exception):
     """The controller did not answer (or squeue timed out): nothing is known of any job."""
+
+
+def _short(exc: slurm.SlurmError) -> str:
+    """What went wrong, in a line without the job list (it lands in every user's state)."""
+    if exc.timed_out:
+        return "squeue timed out"
+    text = (exc.stderr or exc.stdout).strip().splitlines()
+    return f"squeue exited {exc.returncode}: {text[-1][:200] if text else 'no output'}"
 
 
 def parse(out: str) -> dict[str, JobLine]:
@@ -83,7 +92,7 @@ class SqueuePoller:
         self.trouble = ""  # why the last round failed; "" after a good one
         self.failures = 0  # rounds failed in a row
         self.rounds = 0
-        self._last_round_at = float("-inf")
+        self._next_due = float("-inf")  # when the next round may run
         self._round: asyncio.Task | None = None
 
     # ------------------------------------------------------------ what sessions call
@@ -98,6 +107,11 @@ class SqueuePoller:
         """The job's line in an answer at most ``max_age`` seconds old; None if that answer
         does not list it. Raises :class:`Unknown` while the controller does not answer."""
         self.watch(job_id)
+        if self.trouble and time.monotonic() < self._next_due:
+            # Slurm is in trouble and the next try is not due: say so at once (a hub page
+            # or a stop must not wait out the backoff), and let that try run meanwhile
+            self._start_round()
+            raise Unknown(self.trouble)
         # a round already under way when this job was first watched did not ask for it:
         # wait for the next one (at most two rounds in all)
         for _ in range(2):
@@ -126,11 +140,14 @@ class SqueuePoller:
         return (not self.trouble and job_id in self.asked
                 and time.monotonic() - self.answered_at <= max_age)
 
-    async def _next_round(self) -> None:
+    def _start_round(self) -> asyncio.Task:
         # everyone who asks while a round is due or under way waits for that same round
         if self._round is None or self._round.done():
             self._round = asyncio.ensure_future(self._run_round())
-        await asyncio.shield(self._round)
+        return self._round
+
+    async def _next_round(self) -> None:
+        await asyncio.shield(self._start_round())
 
     def _gap(self) -> float:
         """The least time between two rounds: min_gap, doubled per failed round (up to
@@ -139,31 +156,44 @@ class SqueuePoller:
         return gap * random.uniform(0.75, 1.25)
 
     async def _run_round(self) -> None:
-        wait = self._last_round_at + self._gap() - time.monotonic()
+        wait = self._next_due - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        self._last_round_at = time.monotonic()
         jobs = sorted(self.jobs)
         if not jobs:
             return
         self.rounds += 1
-        argv = ["squeue", "-h", f"--jobs={','.join(jobs)}", "-o", SQUEUE_FORMAT]
         try:
-            out = await slurm.arun(argv, timeout=self.timeout, prefix=self.prefix)
+            answer = {}
+            # one argument per chunk: a class of thousands stays far below the argv limit
+            for i in range(0, len(jobs), MAX_JOBS_PER_CALL):
+                chunk = jobs[i:i + MAX_JOBS_PER_CALL]
+                argv = ["squeue", "-h", f"--jobs={','.join(chunk)}", "-o", SQUEUE_FORMAT]
+                answer.update(parse(await self._squeue(argv)))
         except slurm.SlurmError as exc:
-            if not (exc.timed_out or exc.returncode == 127
-                    or CONTROLLER_TROUBLE.search(exc.stderr)):
-                # e.g. "Invalid job id specified": none of the jobs is known any more
-                self._answered({}, jobs)
-                return
+            # only an answer is an answer: a controller that is down, munge that is not up,
+            # a hub out of file descriptors say nothing about any job
             self.failures += 1
-            self.trouble = str(exc)
-            self.log.warning("squeue for %d session job(s) failed (%s); next try in about %.0f s",
-                        len(jobs), exc, min(self.max_backoff, self.min_gap * 2 ** self.failures))
-            return
-        if self.failures:
-            self.log.info("squeue answers again after %d failed round(s)", self.failures)
-        self._answered(parse(out), jobs)
+            self.trouble = _short(exc)
+            self.log.warning("squeue for %d session job(s) failed (%s); next try in about "
+                             "%.0f s", len(jobs), self.trouble,
+                             min(self.max_backoff, self.min_gap * 2 ** self.failures))
+        else:
+            if self.failures:
+                self.log.info("squeue answers again after %d failed round(s)", self.failures)
+            self._answered(answer, jobs)
+        finally:
+            # the gap counts from the end of a round: a command that waits out its timeout
+            # must not eat the backoff
+            self._next_due = time.monotonic() + self._gap()
+
+    async def _squeue(self, argv: list[str]) -> str:
+        try:
+            return await slurm.arun(argv, timeout=self.timeout, prefix=self.prefix)
+        except slurm.SlurmError as exc:
+            if exc.returncode == 1 and INVALID_JOB.search(exc.stderr):
+                return ""  # none of these jobs is known any more: an answer
+            raise
 
     def _answered(self, answer: dict[str, JobLine], asked: list[str]) -> None:
         self.answer, self.asked = answer, frozenset(asked)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.hub import Hub
-from tests.harness.slurm import SlurmCluster, SlurmConfig
+from tests.harness.slurm import gh200_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -96,10 +96,7 @@ def slurm(work_root):
     if os.geteuid() != 0:
         pytest.fail("the Slurm fixture needs root (slurmd runs jobs as other users); "
                     "run the suite as root, as `make test` does in CI")
-    cluster = SlurmCluster(SlurmConfig(
-        # shaped like a GH200 node, so the site example loads as it is
-        root=work_root / "slurm", cpus=288, mem_mb=470_000, gpu_type="gh200",
-        partitions=("debug", "gh200")))
+    cluster = gh200_cluster(work_root / "slurm")
     cluster.start()
     yield cluster
     cluster.stop()

@@ -43,6 +43,15 @@ def create_hub_user(hub: Hub, name: str, groups: tuple[str, ...] = ()) -> None:
         assert r.status_code == 200, r.text
 
 
+def create_class(hub: Hub, prefix: str, n: int) -> list[str]:
+    """N participants PREFIX00, PREFIX01, ...: a Unix account and a hub user each."""
+    names = [f"{prefix}{i:02d}" for i in range(n)]
+    for name in names:
+        ensure_unix_user(name)
+        create_hub_user(hub, name)
+    return names
+
+
 def proxied(hub: Hub, path: str) -> requests.Response:
     """A request through the proxy to a user's server, with the hub token (access:servers)."""
     return requests.get(f"{hub.url}{path}", headers={"Authorization": f"token {hub.token}"},

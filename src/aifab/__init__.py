@@ -23,6 +23,8 @@ _NOTEBOOK_API = {
     "serve": ("aifab.magics.serving", "serve"),
     "finetune": ("aifab.magics.finetuning", "finetune"),
     "cluster": ("aifab.magics.dask_cluster", "cluster"),
+    "allocate": ("aifab.magics.allocating", "allocate"),
+    "allocations": ("aifab.magics.allocating", "allocations"),
     "data": ("aifab.magics.data", None),
     "examples": ("aifab.magics.examples", None),
 }

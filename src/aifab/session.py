@@ -33,6 +33,8 @@ ENV_SLURM_RESERVATION = "AIFAB_SLURM_RESERVATION"
 # Set by the spawner from the profile: the site's shared, read-only model cache.
 ENV_MODEL_CACHE = "AIFAB_MODEL_CACHE"
 ENV_IMAGE = "AIFAB_IMAGE"  # the image / uenv the user chose (Slurm sessions)
+# The Slurm profiles this session may hold allocations of (JSON, aifab.allocation.Allowance)
+ENV_ALLOCATABLE = "AIFAB_ALLOCATABLE"
 # The session's own settings, not set by the spawner: where the server keeps its records, how
 # a kernel or script reaches its Jupyter server, the dask interface, the tutorials' model.
 ENV_STATE_DIR = "AIFAB_STATE_DIR"
@@ -46,7 +48,7 @@ CONTRACT_VARS = (
     ENV_SLURM_PARTITION, ENV_SLURM_ACCOUNT, ENV_SLURM_RESERVATION,
 )
 # What a profile's `environment` may not set: the contract, and what the spawner derives.
-SPAWNER_SET = (*CONTRACT_VARS, ENV_MODEL_CACHE, ENV_IMAGE)
+SPAWNER_SET = (*CONTRACT_VARS, ENV_MODEL_CACHE, ENV_IMAGE, ENV_ALLOCATABLE)
 
 # Slurm's own names for the same facts, used when the contract does not give them.
 _SLURM_FALLBACK = {

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 
 class JupyterServer:
-    def __init__(self, root: Path, env: dict | None = None, probe_kind: bool = False):
+    def __init__(self, root: Path, env: dict | None = None, probe_kind: bool = False,
+                 args: tuple[str, ...] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -34,6 +35,7 @@ class JupyterServer:
                 p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
             self.extra_args = ["--AifabExtension.extra_service_kinds",
                                "probe=tests.probe_kind:ProbeKind"]
+        self.extra_args += list(args)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root / "server.log"
 

@@ -559,3 +559,10 @@ class SlurmCluster:
             if name not in left:
                 (self.root / "pids" / f"{name}.pid").unlink(missing_ok=True)
         return left
+
+
+def gh200_cluster(root: Path, partitions: tuple[str, ...] = ("debug", "gh200")) -> SlurmCluster:
+    """One node shaped like a GH200 node (288 cores, ~460 GiB, 4 GPUs as gres gpu:gh200), so
+    the site example (docs/examples) loads as it is: the suite's and the benchmarks' Slurm."""
+    return SlurmCluster(SlurmConfig(root=root, cpus=288, mem_mb=470_000, gpu_type="gh200",
+                                    partitions=partitions))

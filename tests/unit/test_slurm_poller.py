@@ -4,6 +4,7 @@ checks both against a real Slurm and a real hub)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from batchspawner.batchspawner import JobStatus
@@ -95,10 +96,12 @@ def test_a_controller_that_does_not_answer_is_unknown_for_all_and_backs_off(monk
     async def main():
         poller = SqueuePoller(min_gap=0.01, max_backoff=0.05)
         for _ in range(3):
+            await asyncio.sleep(max(0, poller._next_due - time.monotonic()))  # the next try
             with pytest.raises(Unknown):
                 await poller.line("7", max_age=0)
             gaps_seen.append(min(poller.max_backoff, poller.min_gap * 2 ** poller.failures))
         assert poller.failures == 3
+        await asyncio.sleep(max(0, poller._next_due - time.monotonic()))
         line = await poller.line("7", max_age=0)  # seen again when it answers
         assert line.state == "RUNNING" and poller.failures == 0 and not poller.trouble
 
@@ -203,3 +206,49 @@ def test_a_job_watched_while_a_round_runs_waits_for_the_next_not_a_direct_check(
     first, second = asyncio.run(main())
     assert (first.job_id, second.job_id) == ("1", "2")
     assert asked == ["--jobs=1", "--jobs=1,2"]  # no squeue -j of its own
+
+
+MUNGE_DOWN = slurm.SlurmError(["squeue"], 1, "", "slurm_load_jobs error: Protocol "
+                                                 "authentication error")
+NO_FORK = slurm.SlurmError(["squeue"], 126, "", "[Errno 24] Too many open files")
+
+
+@pytest.mark.parametrize("trouble", [MUNGE_DOWN, NO_FORK, TIMED_OUT, NO_CONTROLLER])
+def test_no_failure_but_slurms_own_answer_declares_a_job_gone(monkeypatch, trouble):
+    """A hub that came up before munged, or ran out of file descriptors, keeps its class."""
+    script = Script(("squeue", trouble), ("squeue", trouble))
+    sp = make_spawner(script, monkeypatch, shared_poll=True)
+    sp.load_state({"job_id": "42"})
+    assert asyncio.run(sp.poll()) is None and sp.job_id == "42"
+    direct = make_spawner(Script(("squeue", trouble)), monkeypatch)  # batchspawner's way too
+    direct.load_state({"job_id": "43"})
+    assert asyncio.run(direct.poll()) is None and direct.job_id == "43"
+    assert "--jobs" not in direct.job_status  # a short line in the user's state
+
+
+def test_the_backoff_counts_from_the_end_of_a_failed_round_and_callers_do_not_wait_it_out(
+        monkeypatch):
+    ends, starts = [], []
+
+    async def slow_failure(argv, **kw):
+        starts.append(time.monotonic())
+        await asyncio.sleep(0.05)  # a controller that makes squeue wait for its timeout
+        ends.append(time.monotonic())
+        raise NO_CONTROLLER
+
+    async def main():
+        poller = SqueuePoller(min_gap=0.04, max_backoff=1.0)
+        with pytest.raises(Unknown):
+            await poller.line("7", max_age=0)  # the first round fails (after 0.05 s)
+        t0 = time.monotonic()
+        with pytest.raises(Unknown):  # the next try is not due: told at once, not after it
+            await poller.line("7", max_age=0)
+        assert time.monotonic() - t0 < 0.02
+        await poller._round  # the try that the call above started in the background
+        return poller
+
+    monkeypatch.setattr(slurm, "arun", slow_failure)
+    poller = asyncio.run(main())
+    assert poller.failures == 2
+    idle = starts[1] - ends[0]  # between the end of one failure and the next try
+    assert idle >= 0.04 * 2 * 0.75 - 0.005, idle  # the doubled gap, after the failure

@@ -233,6 +233,7 @@ def test_poll_without_a_job_runs_nothing(monkeypatch):
 
 # ---------------------------------------------------------------- stop
 def test_stop_cancels_and_waits_until_the_job_has_left(monkeypatch):
+    monkeypatch.setattr(slurm_spawner, "STOP_WAIT_S", 10)  # room for three jittered polls
     script = Script(("scancel", ""), ("squeue", "COMPLETING None node7"),
                     ("squeue", "RUNNING None node7"), ("squeue", GONE))
     sp = make_spawner(script, monkeypatch)
