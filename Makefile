@@ -19,17 +19,20 @@ PKG_STAMP := $(VENV)/.package-stamp
 # what the installed package is built from: a change reinstalls it, nothing else does
 PACKAGE_SOURCES := pyproject.toml $(shell find src spawners extension magics kernels \
 	jupyter-config -type f \( -name '*.py' -o -name '*.html' -o -name '*.json' \) 2>/dev/null)
+# the prebuilt JupyterLab extension the wheel ships (built by `make labextension`)
+PACKAGE_SOURCES += $(shell find labextension/prebuilt -type f 2>/dev/null) labextension/install.json
 DEMO_STATE ?= demo-state
 PYTEST_ARGS ?=
 
 .PHONY: help demo demo-install check test lint install system-deps demo-deps browser-deps \
-	clean
+	clean labextension
 
 help:
 	@echo "make demo   - install into .venv and start the demo hub on http://127.0.0.1:8000"
 	@echo "make check  - ruff and the pure tests (tests/unit): no root, Slurm, hub or vLLM"
 	@echo "make test   - install everything the suite needs and run it"
 	@echo "make lint   - ruff"
+	@echo "make labextension - rebuild the JupyterLab panel (labextension/prebuilt) with npm"
 
 # As root, these install the Debian packages that are missing (see the script); as another
 # user they name them and stop.
@@ -90,6 +93,14 @@ demo-install: demo-deps $(PKG_STAMP) $(BIN)/configurable-http-proxy
 
 demo: demo-install
 	$(BIN)/jupyterhub -f demo/jupyterhub_config.py
+
+# The JupyterLab extension (panel, status bar, commands): TypeScript in labextension/src, built
+# with the JupyterLab builder from the locked npm packages into labextension/prebuilt, which is
+# committed and goes into the wheel, so neither users nor `make check` need npm. A test
+# (tests/test_labextension.py) rebuilds it and compares with what is committed.
+labextension: | $(BIN)/python
+	cd labextension && npm ci --no-audit --no-fund && rm -rf lib prebuilt tsconfig.tsbuildinfo \
+		&& PATH="$(abspath $(BIN)):$$PATH" npm run build
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

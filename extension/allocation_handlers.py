@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import json
 
-from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from aifab.api import ApiError
 from aifab.names import SERVICE_NAME_ROUTE
 
 from .allocations import AllocationManager
+from .handlers import AifabAPIHandler
 
 
-class _Base(APIHandler):
+class _Base(AifabAPIHandler):
     @property
     def allocations(self) -> AllocationManager:
         return self.settings["aifab_allocations"]
-
-    def fail(self, exc: ApiError):
-        raise web.HTTPError(exc.http_status, str(exc).replace("%", "%%")) from None
 
 
 class AllocationsHandler(_Base):
@@ -39,10 +36,7 @@ class AllocationsHandler(_Base):
 
     @web.authenticated
     async def post(self) -> None:
-        try:
-            spec = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "the body is not JSON") from None
+        spec = self.json_body()
         try:
             alloc = await self.allocations.create(spec)
         except ApiError as exc:

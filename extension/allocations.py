@@ -27,6 +27,7 @@ from aifab.allocation import Allowance, check_request
 from aifab.api import Conflict, NotFound
 
 JOB_NAME = "aifab-alloc"
+KERNEL_STEP = "aifab-kernel"  # the job name of the provisioner's kernel steps
 # squeue fields: id, state, reason, nodes, expected start, partition, priority
 SQUEUE_FORMAT = "%i|%T|%r|%N|%S|%P|%Q"
 LIVE_STATES = ("queued", "running")
@@ -240,8 +241,34 @@ class AllocationManager:
             else:
                 self._save(alloc)
 
+    async def end_orphan_kernels(self) -> None:
+        """Kernel steps an earlier server of this session started in its allocations: a new
+        server cannot reach them (Jupyter does not carry kernels over a restart), and they
+        would keep an allocation busy for nobody. Named ``aifab-kernel`` by the provisioner."""
+        live = [a.job_id for a in self.allocations.values() if a.state == "running"]
+        if not live:
+            return
+        try:
+            out = await slurm.arun(["squeue", "-h", "-s", f"--jobs={','.join(live)}",
+                                    "-o", "%i|%j"], timeout=self.command_timeout)
+        except slurm.SlurmError as exc:
+            self.log.warning("aifab: could not list the allocations' steps: %s", exc)
+            return
+        orphans = [step for step, name in (line.split("|", 1) for line in out.splitlines()
+                                           if "|" in line)
+                   if name == KERNEL_STEP and USER_STEP.fullmatch(step)]
+        if orphans:
+            self.log.info("aifab: ending kernel steps of an earlier server: %s",
+                          ", ".join(orphans))
+            try:
+                await slurm.arun(["scancel", *orphans], timeout=self.command_timeout)
+            except slurm.SlurmError as exc:
+                self.log.warning("aifab: scancel of %s: %s", ", ".join(orphans), exc)
+
     def start_monitor(self) -> None:
         async def watch():
+            await self.refresh()
+            await self.end_orphan_kernels()
             while True:
                 try:
                     await self.refresh()

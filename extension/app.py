@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
@@ -83,6 +84,7 @@ class AifabExtension(ExtensionApp):
             idle_timeout=self.allocation_idle_timeout, poll=self.allocation_poll)
         self.allocations.adopt()
         self.settings["aifab_allocations"] = self.allocations
+        self._allocation_kernel_specs()
         # a stepping run and a proxied request are activity for the hub (its idle culler)
         self.activity = activity.install(self, self.manager)
         self._sweep_dask_jobs(everything=False)
@@ -120,6 +122,21 @@ class AifabExtension(ExtensionApp):
         # treated: a clean stop, services included.
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, serverapp._signal_stop)
+
+    def _allocation_kernel_specs(self) -> None:
+        """A kernel spec per Slurm profile the session may allocate: JupyterLab's launcher
+        starts a kernel on the allocation's node while this server stays where it is."""
+        if not self.allocations.allowances:
+            return
+        from . import provisioner
+
+        provisioner.use_manager(self.allocations)
+        folder = Path(self.state_dir) / "kernels"
+        provisioner.install_specs(folder, provisioner.kernel_specs(
+            self.allocations.allowances, sys.executable))
+        ksm = self.serverapp.kernel_spec_manager
+        if str(folder) not in ksm.kernel_dirs:
+            ksm.kernel_dirs.append(str(folder))
 
     def _sweep_dask_jobs(self, everything: bool) -> None:
         """Cancel the dask worker jobs of this session whose kernel is gone (at start: what

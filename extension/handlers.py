@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import socket
+from pathlib import Path
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
@@ -17,19 +20,31 @@ from aifab.api import ApiError
 from aifab.names import SERVICE_NAME_ROUTE
 from aifab.session import Session, SessionContractError
 
+from . import panel
 from .proxy import ServiceProxyHandler
 from .records import tail
 from .services import ServiceManager
 
 
-class _Base(APIHandler):
-    @property
-    def manager(self) -> ServiceManager:
-        return self.settings["aifab_services"]
+class AifabAPIHandler(APIHandler):
+    """What every REST handler of the session has: errors with their HTTP status, a JSON
+    body read or refused with 400."""
 
     def fail(self, exc: ApiError):
         # tornado %-formats the message: escape what came from the request
         raise web.HTTPError(exc.http_status, str(exc).replace("%", "%%")) from None
+
+    def json_body(self):
+        try:
+            return json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+
+
+class _Base(AifabAPIHandler):
+    @property
+    def manager(self) -> ServiceManager:
+        return self.settings["aifab_services"]
 
 
 class SessionHandler(_Base):
@@ -41,11 +56,16 @@ class SessionHandler(_Base):
             s = Session.from_env()
         except SessionContractError as exc:
             raise web.HTTPError(500, f"bad session contract: {exc}") from exc
+        gpu_usage, gpu_usage_note = panel.gpu_usage(s.visible_gpus)  # NVML, where there is one
         self.finish(json.dumps({
             "backend": s.backend, "profile": s.profile, "gpu_count": s.gpu_count,
             "visible_gpus": list(s.visible_gpus), "walltime_end": s.walltime_end,
             "walltime_left": s.walltime_left(), "slurm_job_id": s.slurm_job_id,
             "pod_name": s.pod_name, "source": s.source, "gpus_held": self.manager.held(),
+            # for the JupyterLab panel: the placement in words, the browser's address
+            "placement": panel.placement(s, socket.gethostname()),
+            "public_url": panel.public_url(os.environ),
+            "gpu_usage": gpu_usage, "gpu_usage_note": gpu_usage_note,
         }))
 
 
@@ -56,10 +76,7 @@ class ServicesHandler(_Base):
 
     @web.authenticated
     async def post(self) -> None:
-        try:
-            spec = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "the body is not JSON") from None
+        spec = self.json_body()
         try:
             checked = None
             if self.manager.needs_slow_validation(spec):
@@ -103,13 +120,31 @@ class LogsHandler(_Base):
         self.finish(json.dumps({"name": name, "lines": tail(svc.log_path, int(n))}))
 
 
+class ProgressHandler(_Base):
+    """GET /aifab/api/services/NAME/progress: a fine-tune run's progress for the panel."""
+
+    @web.authenticated
+    def get(self, name: str) -> None:
+        try:
+            svc = self.manager.get(name)
+        except ApiError as exc:
+            self.fail(exc)
+        if not svc.output:
+            raise web.HTTPError(400, f"{name!r} is a {svc.kind} service, not a fine-tune run")
+        # the tail is enough: the summary needs this attempt's steps, not a week of them
+        lines = tail(Path(svc.output) / "metrics.jsonl", 5000)
+        # a LoRA run's result is an adapter (served on its base model), a full run's a model
+        adapter = (Path(svc.output) / "adapter_config.json").is_file()
+        self.finish(json.dumps({"name": name, **panel.run_progress(lines), "adapter": adapter}))
+
+
 def quiet_polls(log_function, log):
     """Tornado's ``log_function`` with the widgets' polls (successful GETs of the REST API,
     once a second per widget) at DEBUG: in a workshop they were a third of the server's log.
     Everything else is logged as before."""
 
     def log_request(handler) -> None:
-        if isinstance(handler, _Base) and handler.request.method == "GET" \
+        if isinstance(handler, AifabAPIHandler) and handler.request.method == "GET" \
                 and handler.get_status() < 400:
             # the path only: a query may hold ?token=
             log.debug("%d GET %s (%.1f ms)", handler.get_status(), handler.request.path,
@@ -131,5 +166,6 @@ def handlers() -> list[tuple]:
         (r"/aifab/api/services", ServicesHandler),
         (rf"/aifab/api/services/{name}", ServiceHandler),
         (rf"/aifab/api/services/{name}/logs", LogsHandler),
+        (rf"/aifab/api/services/{name}/progress", ProgressHandler),
         (rf"/aifab/proxy/{name}/(?P<path>.*)", ServiceProxyHandler),
     ]

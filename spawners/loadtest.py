@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import re
@@ -146,6 +147,25 @@ async def _kernel_round_trip(base: str, kernel: str, token: str, cell: str, expe
                              deadline: float) -> tuple[float, float]:
     """When the kernel first answered (kernel_info_reply, perf_counter time), and the seconds
     of one execute_request to its reply with the expected output."""
+    async with kernel_channel(base, kernel, token) as run:
+        await run("kernel_info_request", {}, deadline)
+        answered_at = time.perf_counter()
+        t1 = time.perf_counter()
+        output = await run("execute_request", execute_content(cell), deadline)
+        if expect not in output:
+            raise RuntimeError(f"the cell printed {output[:200]!r}, not {expect!r}")
+        return answered_at, time.perf_counter() - t1
+
+
+def execute_content(code: str) -> dict:
+    return {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+            "allow_stdin": False}
+
+
+@contextlib.asynccontextmanager
+async def kernel_channel(base: str, kernel: str, token: str):
+    """A kernel's websocket through a Jupyter server (and the hub's proxy): yields
+    ``run(msg_type, content, deadline) -> the stream output the request caused``."""
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
@@ -155,15 +175,8 @@ async def _kernel_round_trip(base: str, kernel: str, token: str, cell: str, expe
         request_timeout=60, connect_timeout=60))
     session = uuid.uuid4().hex
     try:
-        await _request(ws, session, "kernel_info_request", {}, deadline)
-        answered_at = time.perf_counter()
-        t1 = time.perf_counter()
-        output = await _request(ws, session, "execute_request",
-                                {"code": cell, "silent": False, "store_history": False,
-                                 "user_expressions": {}, "allow_stdin": False}, deadline)
-        if expect not in output:
-            raise RuntimeError(f"the cell printed {output[:200]!r}, not {expect!r}")
-        return answered_at, time.perf_counter() - t1
+        yield lambda msg_type, content, deadline: _request(ws, session, msg_type, content,
+                                                           deadline)
     finally:
         ws.close()
 

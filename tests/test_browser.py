@@ -8,7 +8,6 @@ lines. Screenshots of the form, the widgets and the answer go to test-artifacts/
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.harness.chromium import launch
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "demo" / "jupyterhub_config.py"
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = REPO / "test-artifacts" / "browser"
 USER = "newcomer"
 
@@ -53,22 +53,12 @@ def _cwd(proc) -> str:
 
 @pytest.fixture
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
-                    "(scripts/install-system-deps.sh --browser)")
-    from playwright.sync_api import sync_playwright
-
-    shutil.rmtree(SHOTS, ignore_errors=True)
-    SHOTS.mkdir(parents=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+    with launch(SHOTS) as browser:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
         page.set_default_timeout(60_000)
         yield page
         context.close()
-        browser.close()
 
 
 def test_newcomer_logs_in_starts_and_chats_with_the_served_model(demo_hub, page):

@@ -61,7 +61,8 @@ def test_allowances_travel_through_the_environment_and_are_checked_there():
 def test_a_slurm_profile_gives_its_allowance():
     [p] = load_profiles([{
         "slug": "gh200", "display_name": "GH200", "backend": "slurm",
-        "choices": {"gpus": {"default": 1, "min": 0, "max": 4}, "nodes": {"default": 1, "min": 1, "max": 8},
+        "choices": {"gpus": {"default": 1, "min": 0, "max": 4},
+                    "nodes": {"default": 1, "min": 1, "max": 8},
                     "walltime": {"default": "01:00:00", "max": "12:00:00"}},
         "slurm": {"partition": "gh200", "gres_type": "gh200"}}])
     a = p.allowance()
