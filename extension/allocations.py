@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,17 @@ from aifab.allocation import Allowance, check_request
 from aifab.api import Conflict, NotFound
 
 JOB_NAME = "aifab-alloc"
-KERNEL_STEP = "aifab-kernel"  # the job name of the provisioner's kernel steps
+# the provisioner's kernel steps are named aifab-kernel-<this server's instance>-<kernel>: a
+# restarted server ends the steps of earlier instances (it cannot reach them), never its own
+KERNEL_STEP_PREFIX = "aifab-kernel-"
+KERNEL_STEP = KERNEL_STEP_PREFIX + uuid.uuid4().hex[:12]
 # squeue fields: id, state, reason, nodes, expected start, partition, priority
 SQUEUE_FORMAT = "%i|%T|%r|%N|%S|%P|%Q"
-LIVE_STATES = ("queued", "running")
+LIVE_STATES = ("queued", "running", "releasing")
+# Slurm's states of a job that has ended for good (anything else may still hold the nodes:
+# REQUEUED, SUSPENDED, RESIZING, ... stay watched)
+TERMINAL = re.compile(r"^(?:COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|BOOT_FAIL|DEADLINE|"
+                      r"OUT_OF_MEMORY|PREEMPTED|SPECIAL_EXIT|REVOKED)$")
 PENDING = re.compile(r"^(?:PENDING|CONFIGURING)$")
 RUNNING = re.compile(r"^(?:RUNNING|COMPLETING|SUSPENDED)$")
 USER_STEP = re.compile(r"^\d+\.\d+$")  # 123.0, 123.1: not 123.batch or 123.extern
@@ -41,7 +49,7 @@ class Allocation:
     name: str
     job_id: str
     request: dict
-    state: str = "queued"  # queued, running, released, ended
+    state: str = "queued"  # queued, running, releasing, released, ended
     reason: str = ""  # Slurm's, while queued: Resources, Priority, ...
     nodes: list[str] = field(default_factory=list)
     estimated_start: str = ""  # Slurm's estimate while queued (squeue --start), ISO time
@@ -52,6 +60,7 @@ class Allocation:
     last_used: float | None = None  # the last time one of its own steps was seen running
     steps: int = 0
     message: str = ""
+    release_as: str = ""  # while "releasing": the state it ends in once scancel succeeds
 
     def public(self) -> dict:
         return asdict(self)
@@ -75,6 +84,7 @@ class AllocationManager:
         self.allocations: dict[str, Allocation] = {}
         self._monitor: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._refresh_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ records
     def _path(self, name: str) -> Path:
@@ -118,6 +128,8 @@ class AllocationManager:
             comment = f"{JOB_NAME};session={self.session_key};name={request.name}"
             argv = ["sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--comment={comment}",
                     f"--output={self.dir / request.name}-%j.log", f"--chdir={self.dir}",
+                    # a requeued job would run again with nobody watching it
+                    "--no-requeue",
                     *request.sbatch_args(),
                     # holds the nodes until released or its walltime; work runs as steps
                     "--wrap=exec sleep infinity"]
@@ -145,8 +157,15 @@ class AllocationManager:
         try:
             await slurm.arun(["scancel", alloc.job_id], timeout=self.command_timeout)
         except slurm.SlurmError as exc:
-            self.log.warning("aifab: scancel of allocation %s (job %s): %s", alloc.name,
-                             alloc.job_id, exc)
+            if not (exc.returncode == 1 and "Invalid job id" in exc.stderr):
+                # not cancelled: keep watching it, and try again at the next round
+                self.log.warning("aifab: scancel of allocation %s (job %s): %s; will retry",
+                                 alloc.name, alloc.job_id, exc)
+                alloc.state, alloc.message = "releasing", f"{state}: {message or 'asked'}; " \
+                    f"scancel failed ({str(exc)[-200:]}), retrying"
+                alloc.release_as = state
+                self._save(alloc)
+                return
         alloc.state, alloc.ended_at, alloc.message = state, time.time(), message
         alloc.nodes, alloc.position, alloc.reason = [], None, ""
         self._save(alloc)
@@ -161,7 +180,11 @@ class AllocationManager:
     # ------------------------------------------------------------ watching
     async def refresh(self) -> None:
         """One squeue for the session's live allocations (and one per partition that has a
-        queued one, for its place in line); the idle ones are released."""
+        queued one, for its place in line); the idle ones are released. One at a time."""
+        async with self._refresh_lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         live = [a for a in self.allocations.values() if a.live]
         if not live:
             return
@@ -170,7 +193,7 @@ class AllocationManager:
         try:
             out = await slurm.arun(argv, timeout=self.command_timeout)
         except slurm.SlurmError as exc:
-            if "Invalid job id" not in exc.stderr:
+            if not (exc.returncode == 1 and "Invalid job id" in exc.stderr):
                 self.log.warning("aifab: squeue for allocations: %s", exc)
                 return  # nothing known: keep what we had
             out = ""
@@ -178,7 +201,17 @@ class AllocationManager:
                 if len(r) == 7}
         now = time.time()
         for alloc in live:
+            if not alloc.live:  # released while squeue ran: the release stands
+                continue
             row = rows.get(alloc.job_id)
+            if alloc.state == "releasing":
+                if row is None or TERMINAL.match(row[1]):
+                    alloc.state, alloc.ended_at = alloc.release_as or "released", now
+                    alloc.nodes, alloc.position = [], None
+                    self._save(alloc)
+                else:
+                    await self._cancel(alloc, alloc.release_as or "released", alloc.message)
+                continue
             if row is None:
                 alloc.state, alloc.ended_at = "ended", now
                 alloc.message = alloc.message or "its job left the queue (walltime or scancel)"
@@ -192,8 +225,9 @@ class AllocationManager:
                     alloc.started_at = now
                 alloc.state, alloc.reason, alloc.position = "running", "", None
                 alloc.nodes = expand_nodes(row[3])
-            else:
+            elif TERMINAL.match(row[1]):
                 alloc.state, alloc.ended_at, alloc.message = "ended", now, row[1]
+            # any other state (REQUEUED, SUSPENDED, ...): as it was, watched
             self._save(alloc)
         await self._queue_positions([a for a in live if a.state == "queued"], rows)
         await self._release_idle([a for a in live if a.state == "running"], now)
@@ -205,10 +239,12 @@ class AllocationManager:
                                         "-o", "%i|%Q"], timeout=self.command_timeout)
             except slurm.SlurmError:
                 continue
-            line = [r.split("|") for r in out.splitlines() if r.count("|") == 1]
-            # Slurm starts the pending jobs of a partition by priority (then by id)
-            order = [job for job, _ in sorted(line, key=lambda r: (-int(r[1] or 0),
-                                                                   int(r[0].split("_")[0])))]
+            rows_pd = [r.split("|") for r in out.splitlines() if r.count("|") == 1]
+            # Slurm starts the pending jobs of a partition by priority (then by id); an array
+            # or het job's id (123_4, 123+0) sorts by its first number
+            order = [job for job, _ in sorted(
+                (r for r in rows_pd if re.match(r"\d+", r[0]) and r[1].isdigit()),
+                key=lambda r: (-int(r[1]), int(re.match(r"\d+", r[0]).group())))]
             for a in queued:
                 if rows[a.job_id][5] == partition and a.job_id in order:
                     a.position = order.index(a.job_id) + 1
@@ -256,7 +292,8 @@ class AllocationManager:
             return
         orphans = [step for step, name in (line.split("|", 1) for line in out.splitlines()
                                            if "|" in line)
-                   if name == KERNEL_STEP and USER_STEP.fullmatch(step)]
+                   if name.startswith(KERNEL_STEP_PREFIX) and not name.startswith(KERNEL_STEP)
+                   and USER_STEP.fullmatch(step)]
         if orphans:
             self.log.info("aifab: ending kernel steps of an earlier server: %s",
                           ", ".join(orphans))
@@ -267,8 +304,11 @@ class AllocationManager:
 
     def start_monitor(self) -> None:
         async def watch():
-            await self.refresh()
-            await self.end_orphan_kernels()
+            try:
+                await self.refresh()
+                await self.end_orphan_kernels()
+            except Exception:  # the monitor must outlive one bad answer
+                self.log.exception("aifab: allocation monitor (first round)")
             while True:
                 try:
                     await self.refresh()

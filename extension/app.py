@@ -4,6 +4,7 @@ server shuts down."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -157,6 +158,7 @@ class AifabExtension(ExtensionApp):
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")
         self.activity.stop()
-        await self.manager.shutdown()
-        await self.allocations.shutdown()
+        # the allocations first (or together): a grace period may end this server before
+        # the services' stops have taken theirs
+        await asyncio.gather(self.allocations.shutdown(), self.manager.shutdown())
         self._sweep_dask_jobs(everything=True)

@@ -32,16 +32,24 @@ import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
+from aifab import slurm
 from aifab.allocation import Allowance
+from aifab.api import Conflict
 from aifab.session import (
+    CONTRACT_VARS,
+    ENV_ALLOCATABLE,
     ENV_BACKEND,
     ENV_GPUS,
     ENV_PROFILE,
+    ENV_PUBLIC_URL,
+    ENV_SERVER_TOKEN,
+    ENV_SERVER_URL,
     ENV_SLURM_JOB_ID,
     ENV_SLURM_PARTITION,
+    ENV_STATE_DIR,
     ENV_WALLTIME_END,
 )
-from aifab.walltime import format_walltime, parse_walltime
+from aifab.walltime import parse_walltime
 
 from .allocations import KERNEL_STEP, AllocationManager
 
@@ -61,7 +69,8 @@ def kernel_specs(allowances: list[Allowance], python: str, walltime_s: int = 360
     specs = {}
     for a in allowances:
         gpus = a.max_gpus
-        hours = format_walltime(min(walltime_s, a.max_walltime_s))
+        held = min(walltime_s, a.max_walltime_s)
+        hours = f"{held // 3600} h" if held % 3600 == 0 else f"{held // 60} min"
         label = f"{a.gres_type.upper() or 'GPU'} ×{gpus}" if gpus else "CPU"
         specs[f"aifab-{a.profile}"] = {
             "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
@@ -73,7 +82,7 @@ def kernel_specs(allowances: list[Allowance], python: str, walltime_s: int = 360
                 "provisioner_name": PROVISIONER_NAME,
                 "config": {"profile": a.profile, "gpus": gpus,
                            "walltime": min(walltime_s, a.max_walltime_s) // 60,
-                           "allocation": f"kernel-{a.profile}"}}},
+                           "allocation": f"kernel-{a.profile}"[:40].rstrip("-")}}},
         }
     return specs
 
@@ -90,17 +99,29 @@ class AllocationProvisioner(KernelProvisionerBase):
         self.process: subprocess.Popen | None = None
         self.job_id = ""
         self.node = ""
+        self.cpus = 1
 
     # ------------------------------------------------------------ the allocation
     async def _allocation(self):
         if _manager is None:
             raise RuntimeError("kernels in an allocation need the aifab server extension")
         cfg = self._cfg
-        name = cfg.get("allocation") or f"kernel-{cfg.get('profile', 'alloc')}"
+        name = cfg.get("allocation") or f"kernel-{cfg.get('profile', 'alloc')}"[:40]
         alloc = _manager.allocations.get(name)
+        if self.job_id:
+            # a restart stays in the allocation the kernel was started in, or fails: it never
+            # asks Slurm for a new one on its own
+            if alloc is None or alloc.job_id != self.job_id or alloc.state != "running":
+                raise RuntimeError(f"allocation {name!r} (job {self.job_id}) is "
+                                   f"{alloc.state if alloc else 'gone'}: start a new kernel "
+                                   "to request another")
+            return alloc
         if alloc is None or not alloc.live:
             request = {k: v for k, v in cfg.items() if k != "allocation"}
-            alloc = await _manager.create({**request, "name": name})
+            try:
+                alloc = await _manager.create({**request, "name": name})
+            except Conflict:  # a second kernel of this spec asked at the same moment
+                alloc = _manager.get(name)
         deadline = time.monotonic() + self.start_timeout
         last = ""
         while alloc.state != "running":
@@ -114,27 +135,29 @@ class AllocationProvisioner(KernelProvisionerBase):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"allocation {name!r} still {said} after "
                                    f"{self.start_timeout:.0f} s")
-            await asyncio.sleep(1.0)
-            await _manager.refresh()
+            await asyncio.sleep(2.0)
+            await _manager.refresh()  # one at a time, shared with the server's monitor
+        alloc.last_used = time.time()  # not idle: a kernel is about to run in it
         return alloc
 
     # ------------------------------------------------------------ launch
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         alloc = await self._allocation()
         self.job_id, self.node = alloc.job_id, alloc.nodes[0]
+        self.cpus = int(alloc.request.get("cpus", 1))
         km = self.parent
         km.transport = "tcp"
         km.ip = socket.gethostbyname(self.node)
-        for port in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
-            setattr(km, port, _free_port(km.ip))
+        if not km.shell_port:  # a restart keeps its ports: the connection file keeps them too
+            for port in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+                setattr(km, port, _free_port(km.ip))
         if km.curve_publickey is None:  # a restart keeps the kernel's keys, as its session key
             km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", []))
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
-        env = {k: v for k, v in kwargs["env"].items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"}
+        env = kernel_env(kwargs["env"])
         end = int((alloc.started_at or time.time()) + _walltime_s(alloc.request))
         env.update({ENV_BACKEND: "slurm", ENV_PROFILE: alloc.request["profile"],
                     ENV_SLURM_JOB_ID: alloc.job_id, ENV_GPUS: str(alloc.request["gpus"]),
@@ -144,8 +167,11 @@ class AllocationProvisioner(KernelProvisionerBase):
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        # the step may use the allocation's CPUs and memory on its node (srun's defaults are
+        # one CPU and DefMemPerCPU)
         argv = ["srun", "--overlap", f"--jobid={self.job_id}", "-N1", "-n1",
-                f"--nodelist={self.node}", f"--job-name={KERNEL_STEP}", "--quiet", *cmd]
+                f"--cpus-per-task={self.cpus}", "--mem=0", f"--nodelist={self.node}",
+                f"--job-name={self.step_name}", "--quiet", *cmd]
         self.process = subprocess.Popen(argv, env=kwargs["env"], cwd=kwargs.get("cwd"),
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return self.connection_info
@@ -169,9 +195,22 @@ class AllocationProvisioner(KernelProvisionerBase):
         if self.process and self.process.poll() is None:
             self.process.send_signal(signum)
 
+    @property
+    def step_name(self) -> str:
+        return f"{KERNEL_STEP}-{(self.kernel_id or 'kernel')[:8]}"
+
     async def kill(self, restart: bool = False) -> None:
-        # srun ends the step (the kernel on the node) when it is killed
         await self.send_signal(signal.SIGKILL)
+        # a killed srun cannot pass the end on: end the step itself
+        try:
+            out = await slurm.arun(["squeue", "-h", "-s", "-j", self.job_id, "-o", "%i|%j"],
+                                   timeout=30)
+            mine = [step for step, name in (line.split("|", 1) for line in out.splitlines()
+                                            if "|" in line) if name == self.step_name]
+            if mine:
+                await slurm.arun(["scancel", *mine], timeout=30)
+        except slurm.SlurmError as exc:
+            self.log.warning("aifab: could not end kernel step in job %s: %s", self.job_id, exc)
 
     async def terminate(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGTERM)
@@ -194,6 +233,22 @@ class AllocationProvisioner(KernelProvisionerBase):
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, 30.0)
+
+
+# What of the server's environment the kernel on the node may not see: the hub's and
+# Jupyter's tokens (the step's environment travels to a node other users share), the
+# session's own contract and GPUs (the allocation's replace them), Slurm's job variables.
+# The rest (the model cache, Hugging Face settings, PATH, ...) goes with it.
+_NOT_FOR_THE_NODE = ("JUPYTERHUB_", "JPY_", "SLURM_", "SBATCH_", "SRUN_")
+_NOT_FOR_THE_NODE_NAMES = {*CONTRACT_VARS, ENV_ALLOCATABLE, ENV_SERVER_URL, ENV_SERVER_TOKEN,
+                           ENV_PUBLIC_URL, ENV_STATE_DIR, "CUDA_VISIBLE_DEVICES",
+                           "NVIDIA_VISIBLE_DEVICES"}
+
+
+def kernel_env(server_env: dict) -> dict:
+    return {k: v for k, v in server_env.items()
+            if k == "SLURM_CONF" or not (k.startswith(_NOT_FOR_THE_NODE)
+                                         or k in _NOT_FOR_THE_NODE_NAMES)}
 
 
 def _walltime_s(request: dict) -> int:

@@ -129,7 +129,7 @@ class AllocMagics(Magics):
             alloc = allocate(args.profile, nodes=args.nodes, gpus=args.gpus, cpus=args.cpus,
                              memory_gb=args.memory, walltime=args.walltime, name=args.name,
                              wait=args.wait)
-        except ServiceRequestError as exc:
-            raise UsageError(str(exc)) from None
+        except (ServiceRequestError, TimeoutError, RuntimeError) as exc:
+            raise UsageError(str(exc)) from None  # one line in the notebook, no traceback
         print(f"{alloc.name}: {describe(alloc.info)}")
         return alloc

@@ -250,7 +250,9 @@ class SlurmSessionSpawner(SlurmSpawner):
         )
 
     async def submit_batch_script(self):
-        script = self.batch_script_text()
+        # off the hub's loop: the script needs the user's home (an NSS lookup, which may ask
+        # LDAP over the network) and is rendered from the placement
+        script = await asyncio.get_running_loop().run_in_executor(None, self.batch_script_text)
         env = self.get_env()
         # sbatch reads the script on stdin; values reach the job through the environment
         # (--export names them), so no token is ever written into the script or a log.

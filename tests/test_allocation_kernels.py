@@ -31,9 +31,11 @@ def run(server, kernel: str, code: str, timeout: float = 60) -> str:
     return asyncio.run(go())
 
 
-def steps(slurm, job: str) -> list[str]:
+def kernel_steps(slurm, job: str) -> list[str]:
+    """The names of the allocation's kernel steps (aifab-kernel-<server instance>)."""
     out = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i|%j", check=False).stdout
-    return [line.split("|")[1] for line in out.splitlines() if "|" in line]
+    return [name for _, name in (line.split("|", 1) for line in out.splitlines() if "|" in line)
+            if name.startswith("aifab-kernel-")]
 
 
 @pytest.fixture
@@ -50,14 +52,14 @@ def test_a_kernel_runs_as_a_step_of_the_sessions_allocation(clean, tmp_path):
     server.start()
     try:
         specs = server.get("api/kernelspecs").json()["kernelspecs"]
-        assert specs[SPEC]["spec"]["display_name"] == "Python 3 (aifab) · GH200 ×4 · 01:00:00"
+        assert specs[SPEC]["spec"]["display_name"] == "Python 3 (aifab) · GH200 ×4 · 1 h"
         r = server.request("POST", "api/kernels", json={"name": SPEC}, timeout=300)
         assert r.status_code == 201, r.text
         kernel = r.json()["id"]
         [alloc] = server.get("aifab/api/allocations").json()["allocations"]
         assert alloc["name"] == "kernel-gh200" and alloc["state"] == "running"
         job = alloc["job_id"]
-        assert "aifab-kernel" in steps(slurm, job)
+        slurm.wait_for(lambda: len(kernel_steps(slurm, job)) == 1, 30, what="the kernel step")
 
         out = run(server, kernel, "import os; print(os.environ['SLURM_JOB_ID'], "
                                   "os.environ.get('SLURM_STEP_ID'), "
@@ -77,6 +79,7 @@ def test_a_kernel_runs_as_a_step_of_the_sessions_allocation(clean, tmp_path):
         assert info["curve_publickey"] and info["curve_secretkey"]
         assert oct(conn_file.stat().st_mode & 0o777) == "0o600"
         assert not answers_without_keys(info)
+        assert not heartbeat_without_keys(info)
         client = BlockingKernelClient(connection_file=str(conn_file))
         client.load_connection_file()
         client.start_channels()
@@ -91,6 +94,9 @@ def test_a_kernel_runs_as_a_step_of_the_sessions_allocation(clean, tmp_path):
         assert job in run(server, kernel, "import os; print(os.environ['SLURM_JOB_ID'])")
         assert [a["job_id"] for a in server.get("aifab/api/allocations").json()
                 ["allocations"]] == [job]
+        slurm.wait_for(lambda: len(kernel_steps(slurm, job)) == 1, 30,
+                       what="one kernel step after the restart (the old one ended)")
+        before_crash = kernel_steps(slurm, job)
 
         # a restarted server finds the kernel's allocation again
         server.crash()
@@ -99,7 +105,7 @@ def test_a_kernel_runs_as_a_step_of_the_sessions_allocation(clean, tmp_path):
         [again] = server.get("aifab/api/allocations").json()["allocations"]
         assert (again["job_id"], again["state"]) == (job, "running")
         # the old server's kernel cannot be reached any more: its step is ended
-        slurm.wait_for(lambda: "aifab-kernel" not in steps(slurm, job), 30,
+        slurm.wait_for(lambda: not set(before_crash) & set(kernel_steps(slurm, job)), 30,
                        what="the earlier server's kernel step ended")
         r = server.request("POST", "api/kernels", json={"name": SPEC}, timeout=300)
         assert r.status_code == 201, r.text
@@ -108,8 +114,7 @@ def test_a_kernel_runs_as_a_step_of_the_sessions_allocation(clean, tmp_path):
 
         # shutdown ends the step; the allocation stays until it is released
         assert server.request("DELETE", f"api/kernels/{kernel}").status_code == 204
-        slurm.wait_for(lambda: "aifab-kernel" not in steps(slurm, job), 30,
-                       what="the kernel's step gone")
+        slurm.wait_for(lambda: not kernel_steps(slurm, job), 30, what="the kernel's step gone")
         assert [r["job_id"] for r in alloc_jobs(slurm)] == [job]
     finally:
         server.stop()
@@ -127,6 +132,20 @@ def answers_without_keys(info: dict) -> bool:
         sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
         session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
         session.send(sock, session.msg("kernel_info_request"))
+        return bool(sock.poll(3000))
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def heartbeat_without_keys(info: dict) -> bool:
+    """A ping on the heartbeat port without the Curve keys: does it come back within 3 s?"""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.linger = 0
+    try:
+        sock.connect(f"tcp://{info['ip']}:{info['hb_port']}")
+        sock.send(b"ping")
         return bool(sock.poll(3000))
     finally:
         sock.close()

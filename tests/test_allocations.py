@@ -107,7 +107,7 @@ def test_a_queued_allocation_says_why_and_where_it_stands_then_starts(clean, tmp
 
 def test_an_allocation_nothing_runs_in_is_released_one_with_a_step_is_kept(clean, tmp_path):
     slurm = clean
-    args = ("--AifabExtension.allocation_idle_timeout=4", "--AifabExtension.allocation_poll=1")
+    args = ("--AifabExtension.allocation_idle_timeout=10", "--AifabExtension.allocation_poll=1")
     with JupyterServer(tmp_path / "server", env=ENV, args=args) as server:
         for name in ("idle", "busy"):
             r = server.request("POST", "aifab/api/allocations", json={**SMALL, "name": name})
@@ -120,8 +120,8 @@ def test_an_allocation_nothing_runs_in_is_released_one_with_a_step_is_kept(clean
             env={**slurm.env, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         try:
-            idle = wait_state(server, "idle", "released", timeout=30)
-            assert "nothing ran in it for 4 s" in idle["message"]
+            idle = wait_state(server, "idle", "released", timeout=60)
+            assert "nothing ran in it for 10 s" in idle["message"]
             info = server.get("aifab/api/allocations/busy").json()
             assert info["state"] == "running" and info["steps"] == 1, info
         finally:
@@ -180,4 +180,4 @@ def test_the_python_api_and_the_magic(clean, tmp_path, ipython_on):
         ip.run_line_magic("alloc", "release magic")
         assert alloc.release()["state"] == "released"
         assert {a["state"] for a in aifab.allocations()} == {"released"}
-    assert not alloc_jobs(clean)
+    clean.wait_for(lambda: not alloc_jobs(clean), 15, what="the released jobs gone")
