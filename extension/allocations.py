@@ -41,6 +41,8 @@ TERMINAL = re.compile(r"^(?:COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|BOOT_FA
                       r"OUT_OF_MEMORY|PREEMPTED|SPECIAL_EXIT|REVOKED)$")
 PENDING = re.compile(r"^(?:PENDING|CONFIGURING)$")
 RUNNING = re.compile(r"^(?:RUNNING|COMPLETING|SUSPENDED)$")
+# a line of `squeue -t PD -o %i|%Q`: job id (123, 123_4, 123+0) and priority
+PENDING_ROW = re.compile(r"(?P<job>(?P<first>\d+)(?:[_+]\d+)?)\|(?P<priority>\d+)")
 USER_STEP = re.compile(r"^\d+\.\d+$")  # 123.0, 123.1: not 123.batch or 123.extern
 
 
@@ -239,12 +241,11 @@ class AllocationManager:
                                         "-o", "%i|%Q"], timeout=self.command_timeout)
             except slurm.SlurmError:
                 continue
-            rows_pd = [r.split("|") for r in out.splitlines() if r.count("|") == 1]
             # Slurm starts the pending jobs of a partition by priority (then by id); an array
-            # or het job's id (123_4, 123+0) sorts by its first number
-            order = [job for job, _ in sorted(
-                (r for r in rows_pd if re.match(r"\d+", r[0]) and r[1].isdigit()),
-                key=lambda r: (-int(r[1]), int(re.match(r"\d+", r[0]).group())))]
+            # or het job's id (123_4, 123+0) sorts by its first number; other lines are skipped
+            pending = [m for m in map(PENDING_ROW.fullmatch, out.splitlines()) if m]
+            order = [m["job"] for m in sorted(
+                pending, key=lambda m: (-int(m["priority"]), int(m["first"])))]
             for a in queued:
                 if rows[a.job_id][5] == partition and a.job_id in order:
                     a.position = order.index(a.job_id) + 1
