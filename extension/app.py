@@ -21,6 +21,7 @@ from aifab.session import ENV_ALLOCATABLE, ENV_STATE_DIR, Session
 
 from . import activity, dask_jobs
 from .allocations import AllocationManager
+from .dask_panel import DaskClusters
 from .services import ServiceManager
 
 
@@ -86,15 +87,17 @@ class AifabExtension(ExtensionApp):
         self.allocations.adopt()
         self.settings["aifab_allocations"] = self.allocations
         self._allocation_kernel_specs()
+        self.settings["aifab_dask"] = DaskClusters(dask_jobs.session_key(), self.log)
         # a stepping run and a proxied request are activity for the hub (its idle culler)
         self.activity = activity.install(self, self.manager)
         self._sweep_dask_jobs(everything=False)
 
     def initialize_handlers(self):
-        from . import allocation_handlers
+        from . import allocation_handlers, dask_panel
         from .handlers import handlers
 
-        self.handlers.extend(handlers() + allocation_handlers.handlers())
+        self.handlers.extend(handlers() + allocation_handlers.handlers()
+                             + dask_panel.handlers())
 
     async def _start_jupyter_server_extension(self, serverapp):
         # the monitor runs on the server's event loop, which exists by now

@@ -69,14 +69,8 @@ class SessionHandler(_Base):
         }))
 
 
-class ServicesHandler(_Base):
-    @web.authenticated
-    def get(self) -> None:
-        self.finish(json.dumps([s.public() for s in self.manager.services.values()]))
-
-    @web.authenticated
-    async def post(self) -> None:
-        spec = self.json_body()
+class _Creating(_Base):
+    async def create(self, spec) -> None:
         try:
             checked = None
             if self.manager.needs_slow_validation(spec):
@@ -88,6 +82,29 @@ class ServicesHandler(_Base):
             self.fail(exc)
         self.set_status(201)
         self.finish(json.dumps(svc.public()))
+
+
+class ServicesHandler(_Creating):
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps([s.public() for s in self.manager.services.values()]))
+
+    @web.authenticated
+    async def post(self) -> None:
+        await self.create(self.json_body())
+
+
+class ResumeHandler(_Creating):
+    """POST /aifab/api/services/NAME/resume: an ended fine-tune run continues from its last
+    checkpoint with the options it was started with (the panel's Resume)."""
+
+    @web.authenticated
+    async def post(self, name: str) -> None:
+        try:
+            spec = self.manager.resume_request(name)
+        except ApiError as exc:
+            self.fail(exc)
+        await self.create(spec)
 
 
 class ServiceHandler(_Base):
@@ -167,5 +184,6 @@ def handlers() -> list[tuple]:
         (rf"/aifab/api/services/{name}", ServiceHandler),
         (rf"/aifab/api/services/{name}/logs", LogsHandler),
         (rf"/aifab/api/services/{name}/progress", ProgressHandler),
+        (rf"/aifab/api/services/{name}/resume", ResumeHandler),
         (rf"/aifab/proxy/{name}/(?P<path>.*)", ServiceProxyHandler),
     ]

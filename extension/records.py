@@ -31,6 +31,8 @@ class Service:
     socket: str = ""  # vLLM: its Unix socket (in a private 0700 runtime directory)
     output: str = ""  # a fine-tune run's output directory (its metrics stream is there)
     loras: dict[str, str] = field(default_factory=dict)  # adapter name -> directory
+    # the checked request it was started with, for what may start it again (a run's Resume)
+    request: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     exit_code: int | None = None

@@ -145,7 +145,7 @@ class ServiceManager:
         svc = Service(name=name, kind=kind.name, argv=plan.argv, gpus=gpus, port=plan.port,
                       api_key=api_key, dir=str(svc_dir), model=plan.model,
                       served_name=plan.served_name, output=plan.output, socket=plan.socket,
-                      loras=plan.loras)
+                      loras=plan.loras, request=plan.request)
         try:
             proc, svc.started = supervisor.launch(plan.argv, env=plan.env,
                                                   log_path=svc.log_path, cwd=svc_dir)
@@ -160,6 +160,16 @@ class ServiceManager:
         self.log.info("aifab: started %s service %r (pid %s) on GPUs [%s]", kind.name, name,
                       proc.pid, ",".join(gpus))
         return svc
+
+    def resume_request(self, name: str) -> dict:
+        """The request that continues an ended run (POST it through validate and create)."""
+        svc = self.get(name)
+        if svc.status in LIVE:
+            raise Conflict(f"{name!r} is {svc.status}: stop it before resuming it")
+        kind = self.kind_of(svc)
+        if kind is None:
+            raise BadRequest(f"{name!r}: its kind {svc.kind!r} is not configured any more")
+        return kind.resume_request(svc)
 
     # ------------------------------------------------------------ stop
     async def stop(self, name: str) -> Service:

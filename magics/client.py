@@ -75,7 +75,7 @@ class SessionClient:
             except ValueError:
                 message = r.text
             raise ServiceRequestError(r.status_code, message)
-        return r.json()
+        return r.json() if r.content else None  # (204: no body)
 
     def session(self) -> dict:
         return self.request("GET", "aifab/api/session")

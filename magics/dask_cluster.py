@@ -288,6 +288,23 @@ class JobAdaptive(Adaptive):
 
 
 class _SessionWidget:
+    """What both of the session's cluster classes add: the notebook widget, and the
+    registration that puts the cluster in the JupyterLab panel."""
+
+    def _register(self, backend: str):
+        from .cluster_registration import Registration
+
+        self._aifab_registration = Registration(self, backend)
+        self._aifab_registration.update()
+        return self
+
+    def scale(self, *args, **kwargs):
+        result = super().scale(*args, **kwargs)
+        registration = getattr(self, "_aifab_registration", None)
+        if registration is not None:  # (adapt scales through here too)
+            registration.update()
+        return result
+
     def _widget(self):
         from aifab.magics.cluster_widget import ClusterWidget
 
@@ -297,6 +314,9 @@ class _SessionWidget:
 
     def close(self, *args, **kwargs):
         result = super().close(*args, **kwargs)
+        registration = getattr(self, "_aifab_registration", None)
+        if registration is not None:
+            registration.close()
         widget = getattr(self, "_aifab_widget", None)
         if widget is not None:  # say so now, not at the widget's next look
             widget.show_closed()
@@ -312,6 +332,7 @@ class SessionSLURMCluster(_SessionWidget, SLURMCluster):
         _ensure_watchdog()
         self = cls(**settings)
         self.session_key = dask_jobs.session_key()
+        self._register("slurm")
         if workers:
             self.scale(workers)
         return self
@@ -383,7 +404,7 @@ def _local_cluster(workers: int, overrides: dict):
     # scheduler (it runs what it is sent)
     o.setdefault("security", True)
     return SessionLocalCluster(n_workers=workers, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0", **o)
+                               dashboard_address="127.0.0.1:0", **o)._register("local")
 
 
 # ----------------------------------------------------------------------------- helpers

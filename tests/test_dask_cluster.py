@@ -4,6 +4,8 @@ kill -9 or exit, session start sweep, session end)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from aifab.extension import dask_jobs as cluster_jobs
+from aifab.extension.dask_panel import DaskClusters, Registration
 from aifab.magics.dask_cluster import ClusterOptionError, slurm_settings, wait_for_workers
 from aifab.session import Session
 from tests.harness.jupyter import JupyterServer
@@ -154,6 +157,13 @@ def test_widget_scales_the_real_slurm_cluster_and_shows_pending_reasons(slurm_se
         assert "pending <b>2</b> (Resources" in widget.counts.value
         jobs = dask_jobs(slurm)
         assert len(jobs) == 2 and all(j["state"] == "PENDING" for j in jobs)
+        # what the JupyterLab panel shows of it: the server side of the kernel's registration
+        panel = DaskClusters(cluster.session_key, logging.getLogger("test"))
+        panel.register(Registration.from_body("c1", cluster._aifab_registration.body()))
+        [shown] = asyncio.run(panel.overview())
+        assert (shown["backend"], shown["requested"], shown["pending"], shown["jobs_queued"],
+                shown["running"]) == ("slurm", 2, 2, 2, 0)
+        assert "Resources" in shown["pending_reasons"] and shown["slurm_note"] == ""
 
         slurm.run("scancel", blocker)
         wait(lambda: widget.running == 2 and widget.pending == 0, 60,
@@ -331,9 +341,17 @@ def test_dask_magic_and_the_dashboard_through_the_jupyter_proxy(monkeypatch, tmp
             assert link in widget.dashboard.value
             page = server.get(link.lstrip("/"))
             assert page.status_code == 200 and "Dask" in page.text
+            # the JupyterLab panel's view (the kernel registered its cluster with the server)
+            cluster._aifab_registration.flush()
+            [shown] = server.get("aifab/api/dask").json()
+            assert (shown["backend"], shown["requested"], shown["running"],
+                    shown["pending"], shown["dashboard_path"]) == \
+                ("local", 1, 1, 0, f"proxy/{port}/status")
             anonymous = requests.get(server.url + link.lstrip("/"), allow_redirects=False,
                                      timeout=10)
             assert anonymous.status_code in (302, 403) and "Dask" not in anonymous.text
         finally:
             shell.run_line_magic("dask", "close")
         assert cluster.status.name == "closed"
+        cluster._aifab_registration.flush()
+        assert server.get("aifab/api/dask").json() == []  # closed: gone from the panel

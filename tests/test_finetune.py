@@ -216,6 +216,40 @@ def test_sigusr1_checkpoints_and_stops_then_resume_finishes(jupyter, shell, tiny
     assert steps(resumed.metrics())[-1]["step"] == stopped["step"] + 10
 
 
+def test_a_stopped_run_resumes_through_the_rest_api_with_its_own_options(
+        jupyter, shell, tiny_model, data, tmp_path):
+    """The panel's Resume: POST .../NAME/resume, no options sent; the server continues the
+    run from its last checkpoint with the options it was started with."""
+    import aifab
+
+    run = aifab.finetune(str(tiny_model), str(data), name="again", max_steps=30, lr=1e-3,
+                         seq_len=64, save_steps=1000, output=f"{tmp_path}/again")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(steps(run.metrics())) < 3:
+        time.sleep(0.1)
+    early = jupyter.request("POST", "aifab/api/services/again/resume")
+    assert early.status_code == 409 and "stop it before resuming it" in early.json()["message"]
+    stopped = jupyter.request("DELETE", "aifab/api/services/again").json()
+    assert stopped["status"] == "stopped" and "checkpoint was saved" in stopped["error"]
+    at = next(m for m in run.metrics() if m.get("event") == "interrupted")["step"]
+    assert 0 < at < 30
+
+    resumed = jupyter.request("POST", "aifab/api/services/again/resume")
+    assert resumed.status_code == 201, resumed.text
+    assert jupyter.wait_service("again", "finished", 300)["status"] == "finished"
+    metrics = run.metrics()
+    starts = [m for m in metrics if m.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resume_from"].endswith(f"checkpoint-{at}")
+    after = steps(metrics[metrics.index(starts[1]):])
+    assert after[0]["step"] > at and after[-1]["step"] == 30  # its own max_steps, kept
+
+    done = jupyter.request("POST", "aifab/api/services/again/resume")
+    assert done.status_code == 400
+    assert done.json()["message"] == "run 'again' finished: there is nothing to resume"
+    missing = jupyter.request("POST", "aifab/api/services/nosuch/resume")
+    assert missing.status_code == 404 and "no service named 'nosuch'" in missing.json()["message"]
+
+
 def test_near_the_walltime_the_trainer_checkpoints_by_itself(tiny_model, data, tmp_path):
     import subprocess
     import sys

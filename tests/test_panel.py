@@ -5,8 +5,10 @@ are shared by the checks below, in order: the status bar; `%serve` from a notebo
 then closed, the service reaching "ready" in the panel with a browser URL that answers in a
 new tab; a log line and a rejected name with HTML in them shown as text; a `%finetune` whose
 progress moves; Stop from the panel ending the vLLM process (psutil); "Serve this adapter" of
-the finished run and "aifab: stop service…"; no polling while the panel is closed; the
-walltime warning. Then, on its own server: the extension under `c.ServerApp.base_url`.
+the finished run and "aifab: stop service…"; a run stopped and resumed from the panel; a
+notebook's dask cluster with its workers and dashboard; the launcher's cards; no polling
+while the panel is closed; the walltime warning. Then, on servers of their own: the extension
+under `c.ServerApp.base_url`, and a queued Slurm allocation released from the panel.
 Screenshots go to test-artifacts/panel/ (two of them are in docs/user-guide.md)."""
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import requests
 
 from tests.harness.chromium import launch
 from tests.harness.hub import Hub, free_port
+from tests.harness.jupyter import JupyterServer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "demo" / "jupyterhub_config.py"
@@ -225,7 +228,8 @@ def test_a_finetune_runs_progress_moves_in_the_panel(lab, hub):
     (hub.home / "panel-train.ipynb").write_text(_notebook(
         "from aifab.magics.examples import tutorial_model, write_ping_pong\n"
         "MODEL = tutorial_model()\nwrite_ping_pong('ping.jsonl')",
-        "run = %finetune $MODEL ping.jsonl --name pong --max-steps 150 --lr 1e-3 --seq-len 64"))
+        "run = %finetune $MODEL ping.jsonl --name pong --max-steps 150 --lr 1e-3 --seq-len 64",
+        "import aifab\ncluster = aifab.cluster(workers=1)"))
     _run_notebook(lab, "panel-train.ipynb")
     steps = _card(lab, "pong", "run").locator(".aifab-Steps")
     steps.wait_for(timeout=300_000)
@@ -239,6 +243,62 @@ def test_a_finetune_runs_progress_moves_in_the_panel(lab, hub):
     assert len(set(seen)) >= 3 and seen == sorted(seen), seen
     assert _card(lab, "pong", "run").locator(".aifab-Sparkline polyline").count() == 1
     lab.screenshot(path=SHOTS / "5-panel-finetune-progress.png")
+
+
+def test_a_run_stopped_from_the_panel_resumes_from_its_checkpoint(lab):
+    run = _card(lab, "pong", "run")
+    run.get_by_role("button", name="Stop", exact=True).click()
+    lab.locator(".jp-Dialog").get_by_role("button", name="Stop").click()
+    run.locator(".aifab-State-stopped").wait_for(timeout=120_000)
+    checkpoint = run.get_by_text(re.compile(r"^last checkpoint: .*checkpoint-(\d+)$"))
+    at = int(re.search(r"checkpoint-(\d+)$", checkpoint.inner_text()).group(1))
+    assert 0 < at < 150
+    run.get_by_role("button", name="Resume").click()
+    steps = run.locator(".aifab-Steps")
+    # this attempt's steps only, counted on from the checkpoint
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        m = re.match(r"step (\d+)/150", steps.inner_text()) if steps.count() else None
+        if m and int(m.group(1)) > at and run.locator(".aifab-State-starting").count():
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the resumed run did not step on from {at}: {run.inner_text()}")
+    assert run.get_by_role("button", name="Resume").count() == 0
+
+
+def test_a_dask_cluster_of_a_notebook_shows_its_workers_and_dashboard(lab, hub):
+    card = lab.locator(".aifab-Panel [data-cluster]")
+    card.get_by_text("workers: 1 requested · 0 pending · 1 running").wait_for(timeout=120_000)
+    link = card.locator(".aifab-Url a")
+    href = link.get_attribute("href")
+    assert re.fullmatch(rf"{re.escape(lab.base)}/user/{USER}/proxy/\d+/status", href), href
+    with lab.context.expect_page() as opened:
+        link.click()
+    dashboard = opened.value
+    dashboard.wait_for_load_state()
+    assert "Dask" in dashboard.title(), dashboard.title()
+    dashboard.close()
+
+
+def test_the_launcher_has_a_card_per_kernel_spec_and_the_aifab_commands(lab, hub):
+    lab.keyboard.press("Control+Shift+C")
+    lab.keyboard.insert_text("New Launcher")
+    lab.locator(".lm-CommandPalette-item", has_text="New Launcher").first.click()
+    launcher = lab.locator(".jp-Launcher-body").last
+    launcher.wait_for()
+    labels = launcher.locator(".jp-LauncherCard[data-category=Notebook] .jp-LauncherCard-label")
+    shown = {labels.nth(i).inner_text().strip() for i in range(labels.count())}
+    r = requests.get(f"{hub.url.rstrip('/')}/user/{USER}/api/kernelspecs", timeout=30,
+                     headers={"Authorization": f"token {hub.token}"})
+    r.raise_for_status()
+    names = {spec["spec"]["display_name"] for spec in r.json()["kernelspecs"].values()}
+    assert "Python 3 (aifab)" in names
+    assert names <= shown, (names, shown)  # every kernel spec the site defines has its card
+    factory = launcher.locator(".jp-LauncherCard[data-category='AI factory'] "
+                               ".jp-LauncherCard-label")
+    assert {factory.nth(i).inner_text().strip() for i in range(factory.count())} == \
+        {"aifab: serve a model…", "aifab: stop service…"}
 
 
 def test_stop_from_the_panel_ends_the_vllm_process(lab, served):
@@ -356,6 +416,40 @@ def test_the_panel_and_status_bar_work_under_a_server_base_url(browser, tmp_path
         server.terminate()
         server.wait(30)
         log.close()
+
+
+@pytest.mark.slurm
+def test_a_queued_allocation_shows_slurms_reason_and_is_released_from_the_panel(
+        browser, slurm, tmp_path):
+    """On the real Slurm, its one node taken by a blocker: the allocation waits, and the panel
+    says why (Slurm's reason, the position in the queue); Release ends the job."""
+    from tests.test_allocations import ENV, SMALL, alloc_jobs
+
+    blocker = slurm.run("sbatch", "--parsable", "-J", "blocker", "-p", "gh200", "--exclusive",
+                        "-o", "/dev/null", "-t", "5", "--wrap", "sleep 300").stdout.strip()
+    try:
+        slurm.wait_for(lambda: any(r["job_id"] == blocker and r["state"] == "RUNNING"
+                                   for r in slurm.squeue()), 30, what="the blocker running")
+        with JupyterServer(tmp_path / "server", env=ENV) as server:
+            r = server.request("POST", "aifab/api/allocations", json={**SMALL, "name": "waits"})
+            assert r.status_code == 201, r.text
+            job = r.json()["job_id"]
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{server.url}lab?token={server.token}")
+            page.click("li[data-id=aifab-panel]", timeout=120_000)
+            card = page.locator(".aifab-Panel [data-allocation=waits]")
+            card.get_by_text(re.compile(r"^queued: Resources · position 1 in the queue")).wait_for(
+                timeout=60_000)
+            assert f"Slurm job {job} · profile gh200 · 1 node(s) · 1 GPU/node" in card.inner_text()
+            page.screenshot(path=SHOTS / "8-panel-allocation-queued.png")
+            card.get_by_role("button", name="Release").click()
+            page.locator(".jp-Dialog").get_by_role("button", name="Release").click()
+            card.locator(".aifab-State-released").wait_for(timeout=60_000)
+            assert card.get_by_role("button", name="Release").count() == 0
+            slurm.wait_for(lambda: not alloc_jobs(slurm), 30, what="the allocation's job gone")
+            page.close()
+    finally:
+        slurm.run("scancel", blocker, check=False)
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ class LaunchPlan:
     port: int = 0
     output: str = ""
     loras: dict[str, str] = field(default_factory=dict)
+    request: dict = field(default_factory=dict)  # kept in the record (see Service.request)
     # undoes what building the plan made outside the service's folder (a runtime directory)
     discard: Callable[[], None] = lambda: None
 
@@ -94,6 +95,12 @@ class ServiceKind:
 
     def ended(self, svc: Service) -> None:
         """Clean up what the service used outside its folder."""
+
+    def resume_request(self, svc: Service) -> dict:
+        """The request that continues an ended service where it stopped (a run from its last
+        checkpoint). Raises BadRequest when this kind (or this service) cannot continue."""
+        raise BadRequest(f"{svc.name!r} is a {svc.kind} service: only fine-tune runs resume; "
+                         "start it again instead")
 
 
 def base_env(environ: Mapping[str, str], gpus: Iterable[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ from the checked options: no request brings its own argv.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
 
 from ..records import Service, tail
 from ..train_data import DataError, inspect_data
+from ..trainer import COMPLETE
 from .base import LaunchPlan, ServiceKind, base_env
 
 RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
@@ -172,7 +174,21 @@ class FineTuneKind(ServiceKind):
         Path(request.output).mkdir(parents=True, exist_ok=True)
         return LaunchPlan(argv=trainer_argv(self.ctx.python, request, len(gpus)),
                           env=base_env(self.ctx.environ, gpus), model=request.model,
-                          output=request.output)
+                          output=request.output,
+                          request={**dataclasses.asdict(request), "resume": False})
+
+    def resume_request(self, svc: Service) -> dict:
+        if not svc.request:
+            raise BadRequest(f"run {svc.name!r} was started by an earlier version that kept no "
+                             "options: continue it with %finetune and the same options plus "
+                             "--resume")
+        if svc.status == Status.FINISHED:
+            raise BadRequest(f"run {svc.name!r} finished: there is nothing to resume")
+        checkpoints = Path(svc.output, "checkpoints").glob(f"checkpoint-*/{COMPLETE}")
+        if not any(checkpoints):
+            raise BadRequest(f"run {svc.name!r} saved no complete checkpoint: start it again "
+                             "(a new --output, or the same one once emptied)")
+        return {**svc.request, "kind": self.name, "name": svc.name, "resume": True}
 
     def outcome(self, svc: Service) -> tuple[Status, str] | None:
         return run_outcome(svc.output)

@@ -57,6 +57,39 @@ export interface IProgress {
   adapter: boolean;
 }
 
+export interface IDaskCluster {
+  id: string;
+  name: string;
+  backend: string;
+  requested: number;
+  pending: number;
+  pending_reasons: string[];
+  running: number | null; // null: the scheduler could not be asked
+  jobs_queued: number;
+  dashboard_path: string; // relative to the server's base URL; "" when not reachable
+  slurm_note: string;
+  kernel_host: string;
+}
+
+export interface IAllocation {
+  name: string;
+  job_id: string;
+  request: { [key: string]: any };
+  state: string; // queued, running, releasing, released, ended
+  reason: string;
+  nodes: string[];
+  estimated_start: string;
+  position: number | null;
+  started_at: number | null;
+  steps: number;
+  message: string;
+}
+
+export interface IAllocations {
+  allocations: IAllocation[];
+  allowed: string[];
+}
+
 /** An answer that is not 2xx, with the server's own message (the magics show the same). */
 export class ApiError extends Error {
   constructor(
@@ -107,6 +140,15 @@ export const getLogs = (name: string, n = 200) =>
   );
 export const getProgress = (name: string) =>
   request<IProgress>(`services/${encodeURIComponent(name)}/progress`);
+export const resumeRun = (name: string) =>
+  request<IService>(`services/${encodeURIComponent(name)}/resume`, { method: 'POST' });
+export const listDask = () => request<IDaskCluster[]>('dask');
+export const listAllocations = () => request<IAllocations>('allocations');
+export const releaseAllocation = (name: string) =>
+  request<IAllocation>(`allocations/${encodeURIComponent(name)}`, { method: 'DELETE' });
+
+/** A path of this server (the dask dashboard through jupyter-server-proxy) as a link. */
+export const serverUrl = (path: string) => URLExt.join(settings.baseUrl, path);
 
 /**
  * The browser's address of a service's OpenAI endpoint, through the hub: the hub's public

@@ -1,4 +1,5 @@
-// The "AI factory" side panel: the session's GPUs, services and fine-tune runs, live.
+// The "AI factory" side panel: the session's GPUs, services, fine-tune runs, dask clusters and
+// Slurm allocations, live.
 // It polls the REST API while it is visible and not at all while hidden: a hundred idle
 // sessions must not poll their servers. When the server does not answer, Lumino's Poll backs
 // off exponentially with random jitter (up to a minute), so sessions do not retry in step.
@@ -7,6 +8,9 @@ import { Poll } from '@lumino/polling';
 import { Widget } from '@lumino/widgets';
 
 import {
+  IAllocation,
+  IAllocations,
+  IDaskCluster,
   IProgress,
   IService,
   ISession,
@@ -15,8 +19,13 @@ import {
   getLogs,
   getProgress,
   getSession,
+  listAllocations,
+  listDask,
   listServices,
   openaiSnippet,
+  releaseAllocation,
+  resumeRun,
+  serverUrl,
   stopService
 } from './api';
 import { button, duration, h, sparkline } from './dom';
@@ -40,6 +49,8 @@ const LOG_LINES = 200;
 export class FactoryPanel extends Widget {
   private session: ISession | null = null;
   private services: IService[] = [];
+  private dask: IDaskCluster[] = [];
+  private allocations: IAllocations = { allocations: [], allowed: [] };
   private progress = new Map<string, IProgress>();
   private finalProgress = new Set<string>(); // ended runs whose last progress is in hand
   private logs = new Map<string, HTMLElement>(); // open log viewers, by service
@@ -79,9 +90,16 @@ export class FactoryPanel extends Widget {
 
   private async refresh(): Promise<void> {
     try {
-      const [session, services] = await Promise.all([getSession(), listServices()]);
+      const [session, services, dask, allocations] = await Promise.all([
+        getSession(),
+        listServices(),
+        listDask(),
+        listAllocations()
+      ]);
       this.session = session;
       this.services = services;
+      this.dask = dask;
+      this.allocations = allocations;
       this.error = '';
       // a live run's progress each time; an ended run's once more (its last word), then kept
       const ended = new Set(services.filter(s => !LIVE.has(s.status)).map(s => s.name));
@@ -158,6 +176,99 @@ export class FactoryPanel extends Widget {
     }
     for (const run of runs) {
       node.appendChild(this.renderRun(run));
+    }
+    node.appendChild(h('h3', {}, `Dask clusters (${this.dask.length})`));
+    if (!this.dask.length) {
+      node.appendChild(h('div', { class: 'aifab-Empty' }, 'none: aifab.cluster(workers=N)'));
+    }
+    for (const cluster of this.dask) {
+      node.appendChild(this.renderCluster(cluster));
+    }
+    const { allocations, allowed } = this.allocations;
+    if (allocations.length || allowed.length) {
+      // (a session that may allocate nothing has no section: nothing to say there)
+      node.appendChild(h('h3', {}, `Allocations (${allocations.length})`));
+      if (!allocations.length) {
+        node.appendChild(
+          h('div', { class: 'aifab-Empty' }, `none: aifab.allocate(...); allowed: ${allowed.join('; ')}`)
+        );
+      }
+      for (const alloc of allocations) {
+        node.appendChild(this.renderAllocation(alloc));
+      }
+    }
+  }
+
+  private renderCluster(c: IDaskCluster): HTMLElement {
+    const card = h('div', { class: 'aifab-Card', 'data-cluster': c.id });
+    const where = c.backend === 'slurm' ? 'Slurm worker jobs' : `${c.backend} workers`;
+    card.appendChild(
+      h(
+        'div',
+        { class: 'aifab-CardHead' },
+        h('span', { class: 'aifab-Name' }, c.name || c.id),
+        h('span', {}, where)
+      )
+    );
+    const running = c.running === null ? 'unknown' : String(c.running);
+    const counts = `workers: ${c.requested} requested · ${c.pending} pending · ${running} running`;
+    card.appendChild(h('div', { class: 'aifab-Workers' }, counts));
+    if (c.pending_reasons.length) {
+      card.appendChild(h('div', {}, `pending because: ${c.pending_reasons.join(', ')} (Slurm)`));
+    }
+    if (c.slurm_note) {
+      card.appendChild(h('div', { class: 'aifab-Error' }, c.slurm_note));
+    }
+    if (c.dashboard_path) {
+      const url = serverUrl(c.dashboard_path);
+      card.appendChild(
+        h('div', { class: 'aifab-Url' }, 'dashboard: ', h('a', { href: url, target: '_blank', rel: 'noopener' }, url))
+      );
+    } else {
+      card.appendChild(h('div', { class: 'aifab-Empty' }, `dashboard: on ${c.kernel_host}, not reachable from here`));
+    }
+    return card;
+  }
+
+  private renderAllocation(a: IAllocation): HTMLElement {
+    const card = h('div', { class: 'aifab-Card', 'data-allocation': a.name });
+    card.appendChild(
+      h(
+        'div',
+        { class: 'aifab-CardHead' },
+        h('span', { class: 'aifab-Name' }, a.name),
+        h('span', { class: `aifab-State aifab-State-${a.state}` }, a.state)
+      )
+    );
+    const r = a.request || {};
+    const gpus = r.gpus ? ` · ${r.gpus} GPU${r.gpus > 1 ? 's' : ''}/node` : '';
+    card.appendChild(
+      h('div', {}, `Slurm job ${a.job_id} · profile ${r.profile || '?'} · ${r.nodes || 1} node(s)${gpus}`)
+    );
+    if (a.state === 'queued') {
+      const position = a.position === null ? '' : ` · position ${a.position} in the queue`;
+      const estimate = a.estimated_start ? ` · Slurm expects it to start at ${a.estimated_start}` : '';
+      card.appendChild(h('div', {}, `queued: ${a.reason || 'waiting'}${position}${estimate}`));
+    }
+    if (a.nodes.length) {
+      card.appendChild(h('div', {}, `nodes: ${a.nodes.join(', ')}`));
+    }
+    if (a.state === 'running') {
+      card.appendChild(h('div', {}, `kernels and steps running in it: ${a.steps}`));
+    }
+    if (a.message) {
+      card.appendChild(h('div', { class: 'aifab-Empty' }, a.message));
+    }
+    if (a.state === 'queued' || a.state === 'running') {
+      card.appendChild(button('Release', () => void this.confirmRelease(a.name), 'scancel the job'));
+    }
+    return card;
+  }
+
+  async confirmRelease(name: string): Promise<void> {
+    const body = `Release ${name}? Slurm ends its job, and every kernel and step running in it.`;
+    if (await confirmed('Release allocation', body, 'Release')) {
+      await this.act('release', name, () => releaseAllocation(name));
     }
   }
 
@@ -259,6 +370,11 @@ export class FactoryPanel extends Widget {
     if (LIVE.has(run.status)) {
       card.appendChild(button('Stop', () => void this.confirmStop(run.name), 'checkpoint and stop'));
     }
+    if ((run.status === 'failed' || run.status === 'stopped') && p && p.checkpoint) {
+      card.appendChild(
+        button('Resume', () => void this.resume(run.name), 'continue from the last checkpoint')
+      );
+    }
     if (run.status === 'finished' && p && p.output) {
       card.appendChild(button('Serve this adapter', () => void this.serveRun(run, p)));
     }
@@ -289,31 +405,44 @@ export class FactoryPanel extends Widget {
     const spec = p.adapter
       ? { kind: 'vllm', name, model: run.model, loras: { [run.name]: run.output } }
       : { kind: 'vllm', name, model: run.output };
-    try {
+    await this.act('serve', run.name, async () => {
       const session = await getSession();
       await createService({ ...spec, gpus: session.visible_gpus.length ? 1 : 0 });
-      this.actionError = '';
-    } catch (err) {
-      this.actionError = `serve ${run.name}: ${(err as Error).message}`;
-    }
-    await this.poll.refresh();
+    });
+  }
+
+  /** The run again, from its last checkpoint, with the options it was started with: the
+   * server keeps them, so the panel needs nothing but the name. */
+  private async resume(name: string): Promise<void> {
+    this.finalProgress.delete(name); // it is live again: its progress moves
+    await this.act('resume', name, () => resumeRun(name));
   }
 
   async confirmStop(name: string): Promise<void> {
-    const result = await showDialog({
-      title: 'Stop service',
-      body: `Stop ${name}? Its process ends and its GPUs are freed.`, // a string: shown as text
-      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop' })]
-    });
-    if (!result.button.accept) {
-      return;
+    if (await confirmed('Stop service', `Stop ${name}? Its process ends and its GPUs are freed.`, 'Stop')) {
+      await this.act('stop', name, () => stopService(name));
     }
+  }
+
+  /** One action through the REST API: its refusal, word for word, stays in the panel until
+   * the next action; the panel is refreshed either way. */
+  private async act(what: string, name: string, call: () => Promise<unknown>): Promise<void> {
     try {
-      await stopService(name);
+      await call();
       this.actionError = '';
     } catch (err) {
-      this.actionError = `stop ${name}: ${(err as Error).message}`;
+      this.actionError = `${what} ${name}: ${(err as Error).message}`;
     }
     await this.poll.refresh();
   }
+}
+
+/** A confirmation dialog; the body is a string, so a name in it shows as text. */
+async function confirmed(title: string, body: string, label: string): Promise<boolean> {
+  const result = await showDialog({
+    title,
+    body,
+    buttons: [Dialog.cancelButton(), Dialog.warnButton({ label })]
+  });
+  return result.button.accept;
 }
