@@ -124,6 +124,9 @@ class AllocationProvisioner(KernelProvisionerBase):
                 alloc = _manager.get(name)
         deadline = time.monotonic() + self.start_timeout
         last = ""
+        # Slurm schedules a job as it is submitted: on an idle node it runs within a fraction
+        # of a second, so look again soon, then less often (up to every 2 s) while it queues
+        delay = 0.1
         while alloc.state != "running":
             if not alloc.live:
                 raise RuntimeError(f"allocation {name!r} {alloc.state}: {alloc.message}")
@@ -135,7 +138,8 @@ class AllocationProvisioner(KernelProvisionerBase):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"allocation {name!r} still {said} after "
                                    f"{self.start_timeout:.0f} s")
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 1.6)
             await _manager.refresh()  # one at a time, shared with the server's monitor
         alloc.last_used = time.time()  # not idle: a kernel is about to run in it
         return alloc
