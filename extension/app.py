@@ -74,18 +74,20 @@ class AifabExtension(ExtensionApp):
 
     def initialize_settings(self):
         session = Session.from_env()
-        self.manager = ServiceManager(Path(self.state_dir), session, self.log,
-                                      stop_grace=self.stop_grace,
-                                      ready_timeout=self.ready_timeout,
-                                      kinds=self.extra_service_kinds)
-        self.manager.adopt()
-        self.settings["aifab_services"] = self.manager
+        # the allocations first: a service may run --on one of them
         self.allocations = AllocationManager(
             Path(self.state_dir), dask_jobs.session_key(),
             allowances_from_env(os.environ.get(ENV_ALLOCATABLE)), self.log,
             idle_timeout=self.allocation_idle_timeout, poll=self.allocation_poll)
         self.allocations.adopt()
         self.settings["aifab_allocations"] = self.allocations
+        self.manager = ServiceManager(Path(self.state_dir), session, self.log,
+                                      stop_grace=self.stop_grace,
+                                      ready_timeout=self.ready_timeout,
+                                      kinds=self.extra_service_kinds,
+                                      allocations=self.allocations)
+        self.manager.adopt()
+        self.settings["aifab_services"] = self.manager
         self._allocation_kernel_specs()
         self.settings["aifab_dask"] = DaskClusters(dask_jobs.session_key(), self.log)
         # a stepping run and a proxied request are activity for the hub (its idle culler)

@@ -35,22 +35,8 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from aifab import slurm
 from aifab.allocation import Allowance
 from aifab.api import Conflict
-from aifab.session import (
-    CONTRACT_VARS,
-    ENV_ALLOCATABLE,
-    ENV_BACKEND,
-    ENV_GPUS,
-    ENV_PROFILE,
-    ENV_PUBLIC_URL,
-    ENV_SERVER_TOKEN,
-    ENV_SERVER_URL,
-    ENV_SLURM_JOB_ID,
-    ENV_SLURM_PARTITION,
-    ENV_STATE_DIR,
-    ENV_WALLTIME_END,
-)
-from aifab.walltime import parse_walltime
 
+from . import steps
 from .allocations import KERNEL_STEP, AllocationManager
 
 PROVISIONER_NAME = "aifab-allocation"
@@ -99,7 +85,7 @@ class AllocationProvisioner(KernelProvisionerBase):
         self.process: subprocess.Popen | None = None
         self.job_id = ""
         self.node = ""
-        self.cpus = 1
+        self._alloc = None  # the allocation this start runs in (pre_launch finds it)
 
     # ------------------------------------------------------------ the allocation
     async def _allocation(self):
@@ -148,7 +134,6 @@ class AllocationProvisioner(KernelProvisionerBase):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         alloc = await self._allocation()
         self.job_id, self.node = alloc.job_id, alloc.nodes[0]
-        self.cpus = int(alloc.request.get("cpus", 1))
         km = self.parent
         km.transport = "tcp"
         km.ip = socket.gethostbyname(self.node)
@@ -161,21 +146,12 @@ class AllocationProvisioner(KernelProvisionerBase):
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", []))
         kwargs = await super().pre_launch(cmd=cmd, **kwargs)
-        env = kernel_env(kwargs["env"])
-        end = int((alloc.started_at or time.time()) + _walltime_s(alloc.request))
-        env.update({ENV_BACKEND: "slurm", ENV_PROFILE: alloc.request["profile"],
-                    ENV_SLURM_JOB_ID: alloc.job_id, ENV_GPUS: str(alloc.request["gpus"]),
-                    ENV_WALLTIME_END: str(end),
-                    ENV_SLURM_PARTITION: alloc.request.get("partition", "")})
-        kwargs["env"] = env
+        kwargs["env"] = {**steps.node_env(kwargs["env"]), **steps.contract(alloc)}
+        self._alloc = alloc
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        # the step may use the allocation's CPUs and memory on its node (srun's defaults are
-        # one CPU and DefMemPerCPU)
-        argv = ["srun", "--overlap", f"--jobid={self.job_id}", "-N1", "-n1",
-                f"--cpus-per-task={self.cpus}", "--mem=0", f"--nodelist={self.node}",
-                f"--job-name={self.step_name}", "--quiet", *cmd]
+        argv = steps.step_argv(self._alloc, self.step_name, cmd)
         self.process = subprocess.Popen(argv, env=kwargs["env"], cwd=kwargs.get("cwd"),
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return self.connection_info
@@ -207,12 +183,7 @@ class AllocationProvisioner(KernelProvisionerBase):
         await self.send_signal(signal.SIGKILL)
         # a killed srun cannot pass the end on: end the step itself
         try:
-            out = await slurm.arun(["squeue", "-h", "-s", "-j", self.job_id, "-o", "%i|%j"],
-                                   timeout=30)
-            mine = [step for step, name in (line.split("|", 1) for line in out.splitlines()
-                                            if "|" in line) if name == self.step_name]
-            if mine:
-                await slurm.arun(["scancel", *mine], timeout=30)
+            await steps.end_step(self.job_id, self.step_name)
         except slurm.SlurmError as exc:
             self.log.warning("aifab: could not end kernel step in job %s: %s", self.job_id, exc)
 
@@ -237,26 +208,6 @@ class AllocationProvisioner(KernelProvisionerBase):
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, 30.0)
-
-
-# What of the server's environment the kernel on the node may not see: the hub's and
-# Jupyter's tokens (the step's environment travels to a node other users share), the
-# session's own contract and GPUs (the allocation's replace them), Slurm's job variables.
-# The rest (the model cache, Hugging Face settings, PATH, ...) goes with it.
-_NOT_FOR_THE_NODE = ("JUPYTERHUB_", "JPY_", "SLURM_", "SBATCH_", "SRUN_")
-_NOT_FOR_THE_NODE_NAMES = {*CONTRACT_VARS, ENV_ALLOCATABLE, ENV_SERVER_URL, ENV_SERVER_TOKEN,
-                           ENV_PUBLIC_URL, ENV_STATE_DIR, "CUDA_VISIBLE_DEVICES",
-                           "NVIDIA_VISIBLE_DEVICES"}
-
-
-def kernel_env(server_env: dict) -> dict:
-    return {k: v for k, v in server_env.items()
-            if k == "SLURM_CONF" or not (k.startswith(_NOT_FOR_THE_NODE)
-                                         or k in _NOT_FOR_THE_NODE_NAMES)}
-
-
-def _walltime_s(request: dict) -> int:
-    return parse_walltime(request["walltime"])
 
 
 def _free_port(ip: str) -> int:

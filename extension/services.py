@@ -33,7 +33,8 @@ from .records import Service, tail
 class ServiceManager:
     def __init__(self, state_dir: Path, session: Session, log, python: str = sys.executable,
                  stop_grace: float = 10.0, ready_timeout: float = 900.0,
-                 kinds: Mapping[str, str | type[ServiceKind]] | None = None):
+                 kinds: Mapping[str, str | type[ServiceKind]] | None = None,
+                 allocations=None):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # one manager per session: a second server of the same session must not adopt (and
@@ -49,7 +50,7 @@ class ServiceManager:
         self.stop_grace = stop_grace
         self.ready_timeout = ready_timeout
         ctx = KindContext(session=session, state_dir=self.state_dir, python=python,
-                          environ=os.environ)
+                          environ=os.environ, allocations=allocations)
         self.kinds: dict[str, ServiceKind] = {}
         for name, kind in {**BUILTIN, **(kinds or {})}.items():
             cls = load_kind(kind) if isinstance(kind, str) else kind
@@ -129,7 +130,7 @@ class ServiceManager:
         if old is not None and old.status in LIVE:
             raise Conflict(f"a service named {name!r} is already {old.status}; stop it first "
                            "or choose another name")
-        gpus = allocate(kind.default_gpus(request), self.session.visible_gpus, self.held())
+        gpus = allocate(kind.default_gpus(request), kind.gpu_pool(request), self.held())
         svc_dir = self.state_dir / name
         if svc_dir.exists():
             shutil.rmtree(svc_dir)  # a stopped or failed service of the same name

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
           "records": summary.records, "method": args.method, "resume_from": str(resume or ""),
           "world_size": int(os.environ.get("WORLD_SIZE", "1")),
           "device": "cuda" if cuda else "cpu",
+          # where it runs: the host, and the Slurm job and step (a run --on an allocation)
+          "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+          "slurm_step_id": os.environ.get("SLURM_STEP_ID", ""),
+          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
           # what a --resume must keep equal (shapes, data order)
           "shape": {"model": args.model, "method": args.method, "lora_r": args.lora_r,
                     "lora_alpha": args.lora_alpha, "batch_size": args.batch_size,

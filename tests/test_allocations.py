@@ -4,6 +4,7 @@ hand, when idle, and when the session ends; bad requests refused with what is al
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -181,3 +182,48 @@ def test_the_python_api_and_the_magic(clean, tmp_path, ipython_on):
         assert alloc.release()["state"] == "released"
         assert {a["state"] for a in aifab.allocations()} == {"released"}
     clean.wait_for(lambda: not alloc_jobs(clean), 15, what="the released jobs gone")
+
+
+def test_a_finetune_on_an_allocation_is_a_step_pinned_by_the_ledger(clean, tmp_path,
+                                                                    tiny_model):
+    """`%finetune ... --on ALLOC` (here its REST form): the run is a step of the allocation,
+    on its node, with the allocation's part of the session contract, and the ledger hands
+    out the allocation's GPUs (one each, never twice)."""
+    from aifab.magics.examples import write_ping_pong
+
+    slurm = clean
+    data = write_ping_pong(tmp_path / "ping.jsonl")
+    run = {"kind": "finetune", "model": str(tiny_model), "data": str(data), "max_steps": 8,
+           "seq_len": 64, "lr": 1e-3, "gpus": 1, "on": "train"}
+    with JupyterServer(tmp_path / "server", env=ENV) as server:
+        r = server.request("POST", "aifab/api/services", json={**run, "name": "early"})
+        assert r.status_code == 400
+        assert r.json()["message"].startswith("on='train': no such allocation of this session")
+        r = server.request("POST", "aifab/api/allocations",
+                           json={**SMALL, "gpus": 2, "name": "train"})
+        assert r.status_code == 201, r.text
+        job = wait_state(server, "train", "running")["job_id"]
+
+        r = server.request("POST", "aifab/api/services",
+                           json={**run, "name": "onalloc", "output": str(tmp_path / "out")})
+        assert r.status_code == 201, r.text
+        assert r.json()["gpus"] == ["train:0"]
+        # the allocation's second GPU is free, a third is not there
+        r = server.request("POST", "aifab/api/services",
+                           json={**run, "name": "more", "gpus": 2, "output": str(tmp_path / "o2")})
+        assert r.status_code == 409
+        assert r.json()["message"].startswith("2 GPU(s) requested but 1 free: GPU train:0 "
+                                              "held by 'onalloc'")
+        steps = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i|%j").stdout
+        assert "|aifab-run-onalloc" in steps, steps
+
+        deadline = time.monotonic() + 300
+        while (info := server.get("aifab/api/services/onalloc").json())["status"] == "starting":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.5)
+        assert info["status"] == "finished", info
+        start = next(json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()
+                     if '"event": "start"' in line)
+        assert (start["slurm_job_id"], start["cuda_visible_devices"]) == (job, "0")
+        assert start["slurm_step_id"].isdigit()
+    slurm.wait_for(lambda: not alloc_jobs(slurm), 15, what="the allocation cancelled at the end")

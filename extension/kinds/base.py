@@ -30,6 +30,7 @@ class KindContext:
     state_dir: Path
     python: str = sys.executable
     environ: Mapping[str, str] = field(default_factory=dict)
+    allocations: object = None  # the session's AllocationManager, for work --on one
 
 
 @dataclass
@@ -71,6 +72,11 @@ class ServiceKind:
     def validate(self, spec: Mapping):
         """The typed request, checked. Raises BadRequest naming the field."""
         raise NotImplementedError
+
+    def gpu_pool(self, request) -> tuple[str, ...]:
+        """The GPUs the ledger hands this request's out of: the session's own, unless the
+        request runs in one of the session's allocations (then that allocation's)."""
+        return self.ctx.session.visible_gpus
 
     def default_gpus(self, request) -> object:
         """What ``gpus`` means when the request leaves it out."""

@@ -8,6 +8,7 @@ from the checked options: no request brings its own argv.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -16,10 +17,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from aifab import slurm
 from aifab.api import BadRequest, FineTuneOptions, Status
 from aifab.models import cached_models, offline_refusal, resolve
 from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
 
+from .. import steps
 from ..records import Service, tail
 from ..train_data import DataError, inspect_data
 from ..trainer import COMPLETE
@@ -112,6 +115,17 @@ def run_name(out: Path) -> str | None:
     return None
 
 
+def run_step_name(name: str) -> str:
+    return f"aifab-run-{name}"
+
+
+def _end_quietly(job_id: str, step_name: str) -> None:
+    try:
+        steps.end_step_now(job_id, step_name)
+    except slurm.SlurmError:
+        pass  # the allocation's own end takes the step with it
+
+
 def default_run_name(model: str) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
     return (f"ft-{base}"[:33] + time.strftime("-%H%M%S")).strip("-")
@@ -164,18 +178,73 @@ class FineTuneKind(ServiceKind):
     def validate(self, spec: Mapping) -> FineTuneOptions:
         self.check_fields(spec)
         body = {k: v for k, v in spec.items() if k != "kind"}
-        return check_options(FineTuneOptions.from_request(body))
+        options = check_options(FineTuneOptions.from_request(body))
+        if options.on:
+            self._allocation(options.on)
+        return options
+
+    # ------------------------------------------------------------ --on an allocation
+    def _allocation(self, name: str):
+        """The running allocation a run goes --on. Raises BadRequest naming what there is."""
+        manager = self.ctx.allocations
+        held = manager.allocations if manager is not None else {}
+        alloc = held.get(name)
+        if alloc is None:
+            live = ", ".join(n for n, a in held.items() if a.live) or "none"
+            raise BadRequest(f"on={name!r}: no such allocation of this session (held: {live}); "
+                             "request one with %alloc or aifab.allocate()")
+        if alloc.state != "running":
+            why = f" ({alloc.reason})" if alloc.state == "queued" and alloc.reason else ""
+            raise BadRequest(f"on={name!r}: the allocation is {alloc.state}{why}, not running: "
+                             "start the run once it runs")
+        if alloc.request.get("nodes", 1) > 1:
+            # (one torchrun per node with a c10d rendezvous is not built yet)
+            raise BadRequest(f"on={name!r}: the allocation has {alloc.request['nodes']} nodes; "
+                             "a run uses one node, so allocate one node for it")
+        return alloc
+
+    def gpu_pool(self, request: FineTuneOptions) -> tuple[str, ...]:
+        if not request.on:
+            return super().gpu_pool(request)
+        alloc = self._allocation(request.on)
+        return tuple(f"{request.on}:{i}" for i in range(int(alloc.request.get("gpus", 0))))
 
     def default_gpus(self, request: FineTuneOptions):
-        return super().default_gpus(request) if request.gpus is None else request.gpus
+        if request.gpus is not None:
+            return request.gpus
+        return 1 if self.gpu_pool(request) else 0
 
     def plan(self, request: FineTuneOptions, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:
         Path(request.output).mkdir(parents=True, exist_ok=True)
-        return LaunchPlan(argv=trainer_argv(self.ctx.python, request, len(gpus)),
-                          env=base_env(self.ctx.environ, gpus), model=request.model,
-                          output=request.output,
+        argv = trainer_argv(self.ctx.python, request, len(gpus))
+        env = base_env(self.ctx.environ, gpus)
+        if request.on:
+            alloc = self._allocation(request.on)
+            # the step sees all of the allocation's GPUs as 0..N-1: the ledger's share only
+            pool = self.gpu_pool(request)
+            visible = ",".join(str(pool.index(g)) for g in gpus)
+            argv = steps.step_argv(alloc, run_step_name(name),
+                                   ["env", f"CUDA_VISIBLE_DEVICES={visible}", *argv])
+            env = {**steps.node_env(env), **steps.contract(alloc)}
+        return LaunchPlan(argv=argv, env=env, model=request.model, output=request.output,
                           request={**dataclasses.asdict(request), "resume": False})
+
+    def ended(self, svc: Service) -> None:
+        """A run --on an allocation whose srun was killed lives on on the node: end its step
+        (off the event loop's way; a step that already ended is not found)."""
+        on = svc.request.get("on")
+        manager = self.ctx.allocations
+        alloc = manager.allocations.get(on) if on and manager is not None else None
+        if alloc is None or not alloc.live:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            _end_quietly(alloc.job_id, run_step_name(svc.name))
+            return
+        asyncio.ensure_future(asyncio.to_thread(_end_quietly, alloc.job_id,
+                                                run_step_name(svc.name)))
 
     def resume_request(self, svc: Service) -> dict:
         if not svc.request:

@@ -95,6 +95,7 @@ class FineTuneOptions:
     resume: bool = False
     save_steps: int = 50
     seed: int = 0
+    on: str = ""  # an allocation the session holds: the run is a step in it
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -118,7 +119,7 @@ class FineTuneOptions:
         for fname in ("packing", "resume"):
             if not isinstance(getattr(opts, fname), bool):
                 raise BadRequest(f"{fname}={getattr(opts, fname)!r}: true or false")
-        for fname in ("name", "method", "output"):
+        for fname in ("name", "method", "output", "on"):
             if not isinstance(getattr(opts, fname), str):
                 raise BadRequest(f"{fname}={getattr(opts, fname)!r}: expected a string")
         return opts

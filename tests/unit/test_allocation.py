@@ -77,3 +77,32 @@ def test_a_slurm_profile_gives_its_allowance():
 ])
 def test_slurm_node_lists_are_expanded(nodelist, hosts):
     assert expand_nodes(nodelist) == hosts
+
+
+# ------------------------------------------------------------------ work inside an allocation
+def test_a_step_gets_the_allocations_size_and_contract_never_the_servers_tokens():
+    from types import SimpleNamespace
+
+    from aifab.extension import steps
+
+    alloc = SimpleNamespace(job_id="42", nodes=["nid001", "nid002"], started_at=1000.0,
+                            request={"profile": "gh200", "gpus": 4, "cpus": 72,
+                                     "walltime": "01:00:00", "partition": "normal"})
+    assert steps.step_argv(alloc, "aifab-run-x", ["python", "-V"]) == [
+        "srun", "--overlap", "--jobid=42", "-N1", "-n1", "--cpus-per-task=72", "--mem=0",
+        "--nodelist=nid001", "--job-name=aifab-run-x", "--quiet", "python", "-V"]
+    server = {"PATH": "/usr/bin", "HF_HOME": "/models", "SLURM_CONF": "/etc/slurm.conf",
+              "JUPYTERHUB_API_TOKEN": "t", "AIFAB_SERVER_TOKEN": "t", "SLURM_JOB_ID": "7",
+              "CUDA_VISIBLE_DEVICES": "0", "AIFAB_BACKEND": "local"}
+    assert steps.node_env(server) == {"PATH": "/usr/bin", "HF_HOME": "/models",
+                                      "SLURM_CONF": "/etc/slurm.conf"}
+    assert steps.contract(alloc) == {
+        "AIFAB_BACKEND": "slurm", "AIFAB_PROFILE": "gh200", "AIFAB_SLURM_JOB_ID": "42",
+        "AIFAB_GPUS": "4", "AIFAB_WALLTIME_END": "4600", "AIFAB_SLURM_PARTITION": "normal"}
+
+
+def test_finetune_on_an_allocation_from_the_magic():
+    from aifab.magics.finetune_magic import parse_finetune
+
+    assert parse_finetune("m d.jsonl --on train --gpus 2") == (
+        "run", {"model": "m", "data": "d.jsonl", "on": "train", "gpus": 2})
