@@ -17,6 +17,7 @@ from traitlets import Dict, Float, Unicode, default
 
 from aifab import slurm
 from aifab.allocation import allowances_from_env
+from aifab.api import LIVE
 from aifab.session import ENV_ALLOCATABLE, ENV_STATE_DIR, Session
 
 from . import activity, dask_jobs
@@ -163,7 +164,17 @@ class AifabExtension(ExtensionApp):
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")
         self.activity.stop()
-        # the allocations first (or together): a grace period may end this server before
-        # the services' stops have taken theirs
+        # runs in an allocation first, so that they checkpoint before its job is cancelled
+        # (Slurm would give them only its KillWait); then the rest and the allocations
+        # together: a grace period may end this server before the services' stops are done
+        on_allocations = [n for n, s in self.manager.services.items()
+                          if s.status in LIVE and s.slurm_step]
+        if on_allocations:
+            stops = asyncio.gather(*(self.manager.stop(n) for n in on_allocations),
+                                   return_exceptions=True)
+            try:
+                await asyncio.wait_for(stops, 90)
+            except asyncio.TimeoutError:
+                self.log.warning("aifab: runs in allocations still stopping after 90 s")
         await asyncio.gather(self.allocations.shutdown(), self.manager.shutdown())
         self._sweep_dask_jobs(everything=True)

@@ -44,7 +44,7 @@ _TAG = re.compile(
 # Names of variables that must not travel into a worker job's environment: tokens and keys
 # (the job's environment is stored by slurmctld), and the session job's own Slurm variables,
 # which would confuse sbatch and srun inside the worker job.
-_SECRET = re.compile(
+SECRET_NAME = re.compile(
     r".*(TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|APIKEY|(^|_)KEY(_|$)).*", re.I)
 # GPUs are the session's, not a worker job's: Slurm sets these for jobs that ask for GPUs
 _GPU_VARS = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
@@ -111,7 +111,7 @@ def submit_env(env=None) -> dict[str, str]:
     stays)."""
     env = os.environ if env is None else env
     return {k: v for k, v in env.items()
-            if not _SECRET.fullmatch(k) and k not in _GPU_VARS
+            if not SECRET_NAME.fullmatch(k) and k not in _GPU_VARS
             and not (k.startswith(("SLURM_", "SBATCH_", "SALLOC_")) and k != "SLURM_CONF")}
 
 

@@ -78,6 +78,8 @@ class Registration:
         try:
             ref = dask_jobs.KernelRef(str(kernel["host"]), int(kernel["pid"]),
                                       int(kernel["start"]))
+            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", ref.host):
+                raise ValueError(ref.host)
         except (TypeError, KeyError, ValueError):
             raise BadRequest("kernel: {host, pid, start} of the kernel that owns the "
                              "cluster") from None
@@ -128,7 +130,9 @@ class DaskClusters:
         running = await asyncio.gather(*(self._running(r) for r in regs))
         out = []
         for reg, workers in zip(regs, running, strict=True):
-            mine = [j for j in jobs if j.kernel == reg.kernel]
+            # (a kernel's Slurm jobs: a local cluster of the same kernel has none; two Slurm
+            # clusters in one kernel share its tag, and so its jobs, in this view)
+            mine = [j for j in jobs if j.kernel == reg.kernel] if reg.backend == "slurm" else []
             pending = [j for j in mine if j.state in ("PENDING", "CONFIGURING")]
             reasons = sorted({j.reason for j in pending if j.reason and j.reason != "None"})
             d = asdict(reg)

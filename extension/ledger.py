@@ -26,6 +26,10 @@ def allocate(spec, visible: Sequence[str], held: Mapping[str, Sequence[str]]) ->
     (the session's cuda:0, cuda:1, ...), never the names Slurm gave them; a GPU can also be
     named by its UUID as listed."""
     kind, value = parse_gpu_request(spec)
+    # only this pool's holders count (an allocation's GPUs are a pool of their own)
+    pool = set(visible)
+    held = {n: [g for g in gpus if g in pool] for n, gpus in held.items()}
+    held = {n: gpus for n, gpus in held.items() if gpus}
     taken = {g for gpus in held.values() for g in gpus}
     free = [g for g in visible if g not in taken]
     if kind == "count":

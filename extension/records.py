@@ -33,6 +33,7 @@ class Service:
     loras: dict[str, str] = field(default_factory=dict)  # adapter name -> directory
     # the checked request it was started with, for what may start it again (a run's Resume)
     request: dict = field(default_factory=dict)
+    slurm_step: str = ""  # "JOB|STEP NAME" when it runs as a step of an allocation
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     exit_code: int | None = None

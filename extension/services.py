@@ -14,6 +14,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -146,7 +147,7 @@ class ServiceManager:
         svc = Service(name=name, kind=kind.name, argv=plan.argv, gpus=gpus, port=plan.port,
                       api_key=api_key, dir=str(svc_dir), model=plan.model,
                       served_name=plan.served_name, output=plan.output, socket=plan.socket,
-                      loras=plan.loras, request=plan.request)
+                      loras=plan.loras, request=plan.request, slurm_step=plan.slurm_step)
         try:
             proc, svc.started = supervisor.launch(plan.argv, env=plan.env,
                                                   log_path=svc.log_path, cwd=svc_dir)
@@ -191,7 +192,8 @@ class ServiceManager:
         kind = self.kind_of(svc)
         # a run saving its checkpoint (optimizer state included) needs longer than a server
         grace = self.stop_grace * (6 if kind is not None and kind.one_shot else 1)
-        await supervisor.stop_tree(svc.pid, svc.started, grace=grace,
+        first = kind.stop_signal(svc) if kind is not None else signal.SIGTERM
+        await supervisor.stop_tree(svc.pid, svc.started, grace=grace, first=first,
                                    reap=lambda: self._reap(svc.name))
         self._ended(svc)
 

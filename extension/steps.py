@@ -31,6 +31,8 @@ from aifab.session import (
 )
 from aifab.walltime import parse_walltime
 
+from .dask_jobs import SECRET_NAME
+
 _NOT_FOR_THE_NODE = ("JUPYTERHUB_", "JPY_", "SLURM_", "SBATCH_", "SRUN_")
 _NOT_FOR_THE_NODE_NAMES = {*CONTRACT_VARS, ENV_ALLOCATABLE, ENV_SERVER_URL, ENV_SERVER_TOKEN,
                            ENV_PUBLIC_URL, ENV_STATE_DIR, "CUDA_VISIBLE_DEVICES",
@@ -39,10 +41,12 @@ _NOT_FOR_THE_NODE_NAMES = {*CONTRACT_VARS, ENV_ALLOCATABLE, ENV_SERVER_URL, ENV_
 
 def node_env(server_env: dict) -> dict:
     """What of the server's environment a step may see (the model cache, Hugging Face
-    settings, PATH, ... go with it)."""
+    settings, PATH, ... go with it): no token, key or password of any name either (the
+    same rule as for dask's worker jobs)."""
     return {k: v for k, v in server_env.items()
             if k == "SLURM_CONF" or not (k.startswith(_NOT_FOR_THE_NODE)
-                                         or k in _NOT_FOR_THE_NODE_NAMES)}
+                                         or k in _NOT_FOR_THE_NODE_NAMES
+                                         or SECRET_NAME.fullmatch(k))}
 
 
 def walltime_end(alloc) -> int:

@@ -298,12 +298,20 @@ class _SessionWidget:
         self._aifab_registration.update()
         return self
 
+    def _registration_update(self) -> None:
+        registration = getattr(self, "_aifab_registration", None)
+        if registration is not None:
+            registration.update()
+
     def scale(self, *args, **kwargs):
         result = super().scale(*args, **kwargs)
-        registration = getattr(self, "_aifab_registration", None)
-        if registration is not None:  # (adapt scales through here too)
-            registration.update()
+        self._registration_update()  # (adapt scales up through here)
         return result
+
+    async def scale_down(self, workers):
+        # adapt retires workers through here, not through scale()
+        await super().scale_down(workers)
+        self._registration_update()
 
     def _widget(self):
         from aifab.magics.cluster_widget import ClusterWidget

@@ -5,6 +5,7 @@ hand, when idle, and when the session ends; bad requests refused with what is al
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -215,7 +216,8 @@ def test_a_finetune_on_an_allocation_is_a_step_pinned_by_the_ledger(clean, tmp_p
         assert r.json()["message"].startswith("2 GPU(s) requested but 1 free: GPU train:0 "
                                               "held by 'onalloc'")
         steps = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i|%j").stdout
-        assert "|aifab-run-onalloc" in steps, steps
+        # a step name per launch: a late clean-up of one attempt never ends the next one's
+        assert re.search(r"\|aifab-run-onalloc-[0-9a-f]{6}$", steps, re.M), steps
 
         deadline = time.monotonic() + 300
         while (info := server.get("aifab/api/services/onalloc").json())["status"] == "starting":
@@ -226,4 +228,19 @@ def test_a_finetune_on_an_allocation_is_a_step_pinned_by_the_ledger(clean, tmp_p
                      if '"event": "start"' in line)
         assert (start["slurm_job_id"], start["cuda_visible_devices"]) == (job, "0")
         assert start["slurm_step_id"].isdigit()
+
+        # Stop: srun passes the SIGTERM on, the run checkpoints on the node, its step ends
+        long = {**run, "name": "long", "max_steps": 2000, "save_steps": 1000,
+                "output": str(tmp_path / "long")}
+        assert server.request("POST", "aifab/api/services", json=long).status_code == 201
+        metrics = tmp_path / "long" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not metrics.exists() or metrics.read_text().count('"event": "step"') < 3:
+            assert time.monotonic() < deadline, "the long run did not step"
+            time.sleep(0.2)
+        stopped = server.request("DELETE", "aifab/api/services/long").json()
+        assert stopped["status"] == "stopped" and "checkpoint was saved" in stopped["error"]
+        slurm.wait_for(lambda: "aifab-run-long" not in slurm.run(
+            "squeue", "-h", "-s", "-j", job, "-o", "%j").stdout, 15, what="the run's step gone")
+        assert list((tmp_path / "long" / "checkpoints").glob("checkpoint-*/aifab-complete"))
     slurm.wait_for(lambda: not alloc_jobs(slurm), 15, what="the allocation cancelled at the end")

@@ -7,6 +7,7 @@ process trees; a kind knows only its own program.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class LaunchPlan:
     output: str = ""
     loras: dict[str, str] = field(default_factory=dict)
     request: dict = field(default_factory=dict)  # kept in the record (see Service.request)
+    slurm_step: str = ""  # "JOB|STEP NAME" of a service run as a step of an allocation
     # undoes what building the plan made outside the service's folder (a runtime directory)
     discard: Callable[[], None] = lambda: None
 
@@ -101,6 +103,10 @@ class ServiceKind:
 
     def ended(self, svc: Service) -> None:
         """Clean up what the service used outside its folder."""
+
+    def stop_signal(self, svc: Service) -> signal.Signals:
+        """What asks the service to stop (SIGKILL follows after the grace period)."""
+        return signal.SIGTERM
 
     def resume_request(self, svc: Service) -> dict:
         """The request that continues an ended service where it stopped (a run from its last

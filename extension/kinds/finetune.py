@@ -13,6 +13,8 @@ import dataclasses
 import json
 import os
 import re
+import secrets
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +27,7 @@ from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
 from .. import steps
 from ..records import Service, tail
 from ..train_data import DataError, inspect_data
-from ..trainer import COMPLETE
+from ..trainer import COMPLETE, ENV_GPU_POSITIONS
 from .base import LaunchPlan, ServiceKind, base_env
 
 RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
@@ -115,8 +117,12 @@ def run_name(out: Path) -> str | None:
     return None
 
 
+_ENDING: set = set()
+
+
 def run_step_name(name: str) -> str:
-    return f"aifab-run-{name}"
+    """A step name per launch: aifab-run-NAME-<random>."""
+    return f"aifab-run-{name}-{secrets.token_hex(3)}"
 
 
 def _end_quietly(job_id: str, step_name: str) -> None:
@@ -219,32 +225,40 @@ class FineTuneKind(ServiceKind):
         Path(request.output).mkdir(parents=True, exist_ok=True)
         argv = trainer_argv(self.ctx.python, request, len(gpus))
         env = base_env(self.ctx.environ, gpus)
+        slurm_step = ""
         if request.on:
             alloc = self._allocation(request.on)
-            # the step sees all of the allocation's GPUs as 0..N-1: the ledger's share only
+            # the step gets all of the allocation's GPUs; the trainer keeps the ledger's share
             pool = self.gpu_pool(request)
-            visible = ",".join(str(pool.index(g)) for g in gpus)
-            argv = steps.step_argv(alloc, run_step_name(name),
-                                   ["env", f"CUDA_VISIBLE_DEVICES={visible}", *argv])
-            env = {**steps.node_env(env), **steps.contract(alloc)}
+            step = run_step_name(name)
+            argv = steps.step_argv(alloc, step, argv)
+            env = {**steps.node_env(env), **steps.contract(alloc),
+                   ENV_GPU_POSITIONS: ",".join(str(pool.index(g)) for g in gpus)}
+            slurm_step = f"{alloc.job_id}|{step}"
         return LaunchPlan(argv=argv, env=env, model=request.model, output=request.output,
-                          request={**dataclasses.asdict(request), "resume": False})
+                          request={**dataclasses.asdict(request), "resume": False},
+                          slurm_step=slurm_step)
+
+    def stop_signal(self, svc: Service) -> signal.Signals:
+        # srun turns a SIGTERM into the step's cancel (SIGKILL after Slurm's KillWait) but
+        # passes SIGUSR1 on to the task: the trainer checkpoints on it and exits
+        return signal.SIGUSR1 if svc.slurm_step else signal.SIGTERM
 
     def ended(self, svc: Service) -> None:
         """A run --on an allocation whose srun was killed lives on on the node: end its step
-        (off the event loop's way; a step that already ended is not found)."""
-        on = svc.request.get("on")
-        manager = self.ctx.allocations
-        alloc = manager.allocations.get(on) if on and manager is not None else None
-        if alloc is None or not alloc.live:
+        (off the event loop's way; a step that already ended is not found). Each launch has
+        a step name of its own, so this never ends a resumed attempt's step."""
+        if not svc.slurm_step:
             return
+        job_id, step = svc.slurm_step.split("|", 1)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            _end_quietly(alloc.job_id, run_step_name(svc.name))
+            _end_quietly(job_id, step)
             return
-        asyncio.ensure_future(asyncio.to_thread(_end_quietly, alloc.job_id,
-                                                run_step_name(svc.name)))
+        task = asyncio.ensure_future(asyncio.to_thread(_end_quietly, job_id, step))
+        _ENDING.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(_ENDING.discard)
 
     def resume_request(self, svc: Service) -> dict:
         if not svc.request:

@@ -117,16 +117,17 @@ def kill_leftovers(pid: int, started: float | None) -> None:
 
 
 async def stop_tree(pid: int, started: float | None, *, grace: float, kill_wait: float = 5.0,
-                    reap: Callable[[], None] | None = None) -> None:
-    """End the process tree of ``pid``: SIGTERM to every group in it, wait up to ``grace``
-    seconds, then SIGKILL what is left and wait up to ``kill_wait``. ``reap`` is called
-    while waiting (a parent's chance to collect its child, so it does not linger as a
+                    reap: Callable[[], None] | None = None,
+                    first: signal.Signals = signal.SIGTERM) -> None:
+    """End the process tree of ``pid``: ``first`` (SIGTERM) to every group in it, wait up to
+    ``grace`` seconds, then SIGKILL what is left and wait up to ``kill_wait``. ``reap`` is
+    called while waiting (a parent's chance to collect its child, so it does not linger as a
     zombie)."""
     if not is_same(pid, started):
         kill_leftovers(pid, started)
         return
     groups = tree_groups(pid)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+    for sig, wait in ((first, grace), (signal.SIGKILL, kill_wait)):
         groups |= _groups_of_descendants(pid)  # workers started since
         signal_groups(groups, sig)
         deadline = time.monotonic() + wait

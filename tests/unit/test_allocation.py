@@ -93,7 +93,8 @@ def test_a_step_gets_the_allocations_size_and_contract_never_the_servers_tokens(
         "--nodelist=nid001", "--job-name=aifab-run-x", "--quiet", "python", "-V"]
     server = {"PATH": "/usr/bin", "HF_HOME": "/models", "SLURM_CONF": "/etc/slurm.conf",
               "JUPYTERHUB_API_TOKEN": "t", "AIFAB_SERVER_TOKEN": "t", "SLURM_JOB_ID": "7",
-              "CUDA_VISIBLE_DEVICES": "0", "AIFAB_BACKEND": "local"}
+              "CUDA_VISIBLE_DEVICES": "0", "AIFAB_BACKEND": "local", "JUPYTER_TOKEN": "t",
+              "HF_TOKEN": "t", "WANDB_API_KEY": "k", "DB_PASSWORD": "p"}
     assert steps.node_env(server) == {"PATH": "/usr/bin", "HF_HOME": "/models",
                                       "SLURM_CONF": "/etc/slurm.conf"}
     assert steps.contract(alloc) == {
@@ -106,3 +107,37 @@ def test_finetune_on_an_allocation_from_the_magic():
 
     assert parse_finetune("m d.jsonl --on train --gpus 2") == (
         "run", {"model": "m", "data": "d.jsonl", "on": "train", "gpus": 2})
+
+
+@pytest.mark.parametrize("slurm_ids, positions, expected", [
+    ("0,1,2,3", "1,3", "1,3"),  # ConstrainDevices: the step's own 0..N-1
+    ("4,5,6,7", "1,3", "5,7"),  # without it: the node's indices, as Slurm gave them
+    ("4,5", "", ""),  # no GPU for this run
+    (None, "0", "0"),  # Slurm set none: positions are the ids
+])
+def test_a_run_in_an_allocation_keeps_only_its_share_of_slurms_gpus(slurm_ids, positions,
+                                                                    expected):
+    from aifab.extension.trainer import pick_gpus
+
+    env = {"AIFAB_GPU_POSITIONS": positions}
+    if slurm_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slurm_ids
+    pick_gpus(env)
+    assert env["CUDA_VISIBLE_DEVICES"] == expected
+    untouched = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    pick_gpus(untouched)  # not a run in an allocation: left as it is
+    assert untouched == {"CUDA_VISIBLE_DEVICES": "2,3"}
+
+
+def test_the_ledger_counts_only_the_pool_a_request_draws_from():
+    from aifab.extension.ledger import GPUsBusy, allocate
+
+    held = {"run": ["train:0"], "chat": ["0"]}
+    # the session's own GPUs: the allocation's GPU held by 'run' does not count
+    assert allocate("all", ("1",), {"run": ["train:0"]}) == ["1"]
+    assert allocate(1, ("0", "1"), held) == ["1"]
+    assert allocate("all", ("train:0", "train:1"), {"chat": ["0"]}) == ["train:0", "train:1"]
+    with pytest.raises(GPUsBusy) as busy:
+        allocate(2, ("train:0", "train:1"), held)
+    assert str(busy.value) == ("2 GPU(s) requested but 1 free: GPU train:0 held by 'run'. "
+                               "Stop one of those services or ask for fewer GPUs")

@@ -153,6 +153,16 @@ def _finetune_kind(tmp_path):
     return FineTuneKind(KindContext(session=Session(), state_dir=tmp_path))
 
 
+def test_a_record_of_an_earlier_version_loads_without_the_new_fields(tmp_path):
+    from aifab.extension.records import Service
+
+    old = {"name": "pong", "kind": "finetune", "argv": ["python"], "gpus": [], "port": 0,
+           "api_key": "k", "dir": str(tmp_path), "status": "stopped"}
+    (tmp_path / "record.json").write_text(json.dumps(old))
+    svc = Service.load(tmp_path / "record.json")
+    assert (svc.request, svc.slurm_step) == ({}, "")
+
+
 def test_resume_continues_a_stopped_run_with_the_options_it_was_started_with(tmp_path):
     kind = _finetune_kind(tmp_path)
     ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-40"
