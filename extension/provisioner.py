@@ -183,7 +183,7 @@ class AllocationProvisioner(KernelProvisionerBase):
         await self.send_signal(signal.SIGKILL)
         # a killed srun cannot pass the end on: end the step itself
         try:
-            await steps.end_step(self.job_id, self.step_name)
+            await asyncio.to_thread(steps.end_step, self.job_id, self.step_name)
         except slurm.SlurmError as exc:
             self.log.warning("aifab: could not end kernel step in job %s: %s", self.job_id, exc)
 

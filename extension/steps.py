@@ -76,15 +76,9 @@ def _steps_named(out: str, name: str) -> list[str]:
                                           if "|" in line) if step_name == name]
 
 
-async def end_step(job_id: str, name: str) -> None:
-    """scancel the job's steps named ``name``. Raises aifab.slurm.SlurmError."""
-    out = await slurm.arun(["squeue", "-h", "-s", "-j", job_id, "-o", "%i|%j"], timeout=30)
-    if mine := _steps_named(out, name):
-        await slurm.arun(["scancel", *mine], timeout=30)
-
-
-def end_step_now(job_id: str, name: str) -> None:
-    """The same, for callers off the event loop or in a sync clean-up."""
+def end_step(job_id: str, name: str) -> None:
+    """scancel the job's steps named ``name`` (blocking: on the event loop, call it through
+    ``asyncio.to_thread``). Raises aifab.slurm.SlurmError."""
     out = slurm.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i|%j"], timeout=30)
     if mine := _steps_named(out, name):
         slurm.run(["scancel", *mine], timeout=30)

@@ -127,7 +127,7 @@ def run_step_name(name: str) -> str:
 
 def _end_quietly(job_id: str, step_name: str) -> None:
     try:
-        steps.end_step_now(job_id, step_name)
+        steps.end_step(job_id, step_name)
     except slurm.SlurmError:
         pass  # the allocation's own end takes the step with it
 
