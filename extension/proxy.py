@@ -1,7 +1,9 @@
 """The authenticated proxy of the session services, on jupyter-server-proxy's ProxyHandler.
 
 ``/aifab/proxy/NAME/PATH`` goes to the service NAME: vLLM's private Unix socket (``--uds``,
-in a 0700 directory: only this server's user can connect at all), or a loopback port. It is
+in a 0700 directory: only this server's user can connect at all), a loopback port, or, for a
+service on an allocation's node, the node's address over TLS with this server's client
+certificate (the service refuses any other: ``aifab.extension.tls``). It is
 behind Jupyter's own authentication (the server's token, JupyterHub's login); the service
 gets its own API key from here and none of Jupyter's credentials.
 
@@ -38,13 +40,28 @@ from tornado import httpclient, web
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
+from . import tls
+
 # ------------------------------------------------------------------ clients of a service
 
 _clients: dict[str, httpclient.AsyncHTTPClient] = {}
 
 
 def _key(svc) -> str:
-    return svc.socket or f"127.0.0.1:{svc.port}"
+    return svc.socket or f"{svc.host or '127.0.0.1'}:{svc.port}"
+
+
+_contexts: dict[str, object] = {}
+
+
+def _ssl_options(svc) -> dict:
+    """The TLS settings of a request to a service on a node (none for a local one): one
+    context per launch, read once (each launch has new certificates: ``forget`` drops it)."""
+    if not svc.tls:
+        return {}
+    if svc.tls not in _contexts:
+        _contexts[svc.tls] = tls.client_context(svc.tls)
+    return {"ssl_options": _contexts[svc.tls]}
 
 
 def service_http_client(svc) -> httpclient.AsyncHTTPClient:
@@ -55,18 +72,22 @@ def service_http_client(svc) -> httpclient.AsyncHTTPClient:
         _clients[key] = (
             SimpleAsyncHTTPClient(force_instance=True, max_clients=64,
                                   resolver=UnixResolver(socket_path=svc.socket))
-            if svc.socket else httpclient.AsyncHTTPClient(force_instance=True, max_clients=64))
+            if svc.socket else httpclient.AsyncHTTPClient(force_instance=True, max_clients=64,
+                                                          defaults=_ssl_options(svc)))
     return _clients[key]
 
 
 def service_base_url(svc) -> str:
     """``http://localhost`` for a socket (the resolver connects to the socket whatever the
-    host), ``http://127.0.0.1:PORT`` for a port."""
-    return "http://localhost" if svc.socket else f"http://127.0.0.1:{svc.port}"
+    host), ``http://127.0.0.1:PORT`` for a port, ``https://NODE:PORT`` on a node."""
+    if svc.socket:
+        return "http://localhost"
+    return f"{'https' if svc.tls else 'http'}://{svc.host or '127.0.0.1'}:{svc.port}"
 
 
 def forget(svc) -> None:
     """The service ended: close and drop its client."""
+    _contexts.pop(svc.tls, None)
     client = _clients.pop(_key(svc), None)
     if client is not None:
         client.close()
@@ -161,15 +182,26 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         if svc.status not in ("starting", "ready"):
             raise web.HTTPError(503, f"service {name!r} is "
                                      f"{getattr(svc.status, 'value', svc.status)}")
+        if svc.tls and not svc.port:
+            raise web.HTTPError(503, f"service {name!r} is starting on its node and does not "
+                                     "listen yet")
         if not (svc.socket or svc.port):
             raise web.HTTPError(404, f"service {name!r} serves nothing to proxy to")
         self.unix_socket = svc.socket or None  # jsp's: connect to this socket
         self.proxy_base = f"aifab/proxy/{name}"  # jsp's X-Forwarded-Context and the like
         return svc
 
+    def _check_host_allowlist(self, host: str) -> bool:
+        # jsp allows localhost only; the host here is never the request's own: it is where the
+        # service record says the service listens (loopback, or its node for a service --on
+        # an allocation, which only answers this server's client certificate)
+        return host == self._upstream_address()[0]
+
     def _upstream_address(self) -> tuple[str, int]:
         # over a socket the host is only a name (jsp requires "localhost"), the port unused
-        return ("localhost", 80) if self.svc.socket else ("127.0.0.1", self.svc.port)
+        if self.svc.socket:
+            return ("localhost", 80)
+        return (self.svc.host or "127.0.0.1", self.svc.port)
 
     # --- what goes to the service
 
@@ -184,6 +216,8 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         return headers
 
     def get_client_uri(self, protocol, host, port, proxied_path):
+        if self.svc.tls:
+            protocol = {"http": "https", "ws": "wss"}[protocol]
         uri = super().get_client_uri(protocol, host, port, proxied_path)
         if not self.request.query:
             return uri
@@ -198,7 +232,7 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         # a long generation may take its time; allow_nonstandard_methods: a PATCH or DELETE
         # with or without a body goes on as it came
         return dict(follow_redirects=False, connect_timeout=20.0, request_timeout=3600.0,
-                    allow_nonstandard_methods=True)
+                    allow_nonstandard_methods=True, **_ssl_options(self.svc))
 
     # --- the methods (tornado passes the route's groups by name: name, path)
 
@@ -213,6 +247,10 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
     options = APIHandler.options
 
     async def open(self, name: str, path: str) -> None:
+        if self.svc.tls:
+            # jsp's websocket client takes no TLS settings (no client certificate)
+            self.close(1011, "websockets are not proxied to a service on an allocation's node")
+            return
         host, port = self._upstream_address()
         await self.proxy_open(host, port, "/" + path)
 

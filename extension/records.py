@@ -34,6 +34,8 @@ class Service:
     # the checked request it was started with, for what may start it again (a run's Resume)
     request: dict = field(default_factory=dict)
     slurm_step: str = ""  # "JOB|STEP NAME" when it runs as a step of an allocation
+    host: str = ""  # where it listens, when not on this machine's loopback (a node's address)
+    tls: str = ""  # its TLS folder (the proxy's client certificate), for a service on a node
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     exit_code: int | None = None

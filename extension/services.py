@@ -102,7 +102,7 @@ class ServiceManager:
     # ------------------------------------------------------------ create
     def validate(self, spec) -> tuple[ServiceKind, object]:
         """Check a request without starting anything: (kind, typed request). Reads files (and
-        once runs vLLM's --help): call it off the event loop when ``slow_validation``."""
+        once runs vLLM's --help): call it off the event loop when ``needs_slow_validation``."""
         if not isinstance(spec, dict):
             raise BadRequest("expected a JSON object with kind, name and the kind's fields")
         kind_name = spec.get("kind", "vllm")
@@ -119,7 +119,7 @@ class ServiceManager:
     def needs_slow_validation(self, spec) -> bool:
         name = spec.get("kind", "vllm") if isinstance(spec, dict) else None
         kind = self.kinds.get(name) if isinstance(name, str) else None
-        return bool(kind and kind.slow_validation)
+        return bool(kind and kind.is_slow(spec))
 
     def create(self, spec, checked: tuple[ServiceKind, object] | None = None) -> Service:
         kind, request = checked or self.validate(spec)
@@ -147,7 +147,8 @@ class ServiceManager:
         svc = Service(name=name, kind=kind.name, argv=plan.argv, gpus=gpus, port=plan.port,
                       api_key=api_key, dir=str(svc_dir), model=plan.model,
                       served_name=plan.served_name, output=plan.output, socket=plan.socket,
-                      loras=plan.loras, request=plan.request, slurm_step=plan.slurm_step)
+                      loras=plan.loras, request=plan.request, slurm_step=plan.slurm_step,
+                      tls=plan.tls)
         try:
             proc, svc.started = supervisor.launch(plan.argv, env=plan.env,
                                                   log_path=svc.log_path, cwd=svc_dir)

@@ -7,14 +7,21 @@ an allocation) both run this way, so what a step gets is decided here once:
 * its environment: the server's, less what must not travel to a node other users share (the
   hub's and Jupyter's tokens, the session's own contract and GPUs, Slurm's job variables),
   plus the allocation's part of the session contract (its job, profile, GPUs, walltime end);
+* its GPUs: all of the job's, narrowed on the node to the ledger's share (``pick_gpus``);
 * its end: a step whose ``srun`` was killed lives on on the node, so it is ended by name.
+
+What the session may run work in is decided here too (``running_allocation``): the same
+refusals for a run and a service.
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 
 from aifab import slurm
+from aifab.api import BadRequest
 from aifab.session import (
     CONTRACT_VARS,
     ENV_ALLOCATABLE,
@@ -33,6 +40,8 @@ from aifab.walltime import parse_walltime
 
 from .dask_jobs import SECRET_NAME
 
+# positions in the step's GPU list that the ledger handed out (see pick_gpus)
+ENV_GPU_POSITIONS = "AIFAB_GPU_POSITIONS"
 _NOT_FOR_THE_NODE = ("JUPYTERHUB_", "JPY_", "SLURM_", "SBATCH_", "SRUN_")
 _NOT_FOR_THE_NODE_NAMES = {*CONTRACT_VARS, ENV_ALLOCATABLE, ENV_SERVER_URL, ENV_SERVER_TOKEN,
                            ENV_PUBLIC_URL, ENV_STATE_DIR, "CUDA_VISIBLE_DEVICES",
@@ -62,13 +71,16 @@ def contract(alloc) -> dict[str, str]:
             ENV_SLURM_PARTITION: alloc.request.get("partition", "")}
 
 
-def step_argv(alloc, name: str, cmd: list[str]) -> list[str]:
-    """``srun`` of ``cmd`` as a step named ``name`` on the allocation's first node. No
-    ``--gres``: a step gets all of the job's GPUs (what uses fewer narrows
-    CUDA_VISIBLE_DEVICES itself)."""
-    return ["srun", "--overlap", f"--jobid={alloc.job_id}", "-N1", "-n1",
+def step_argv(alloc, name: str, cmd: list[str], *, nodes: int = 1) -> list[str]:
+    """``srun`` of ``cmd`` as a step named ``name``: one task on each of the allocation's
+    first ``nodes`` nodes (one node: its first). No ``--gres``: a step gets all of the job's
+    GPUs (what uses fewer narrows CUDA_VISIBLE_DEVICES itself). A task that fails ends the
+    others (--kill-on-bad-exit)."""
+    return ["srun", "--overlap", f"--jobid={alloc.job_id}", f"-N{nodes}", f"-n{nodes}",
+            "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             f"--cpus-per-task={int(alloc.request.get('cpus', 1))}", "--mem=0",
-            f"--nodelist={alloc.nodes[0]}", f"--job-name={name}", "--quiet", *cmd]
+            f"--nodelist={','.join(alloc.nodes[:nodes])}", f"--job-name={name}", "--quiet",
+            *cmd]
 
 
 def _steps_named(out: str, name: str) -> list[str]:
@@ -82,3 +94,90 @@ def end_step(job_id: str, name: str) -> None:
     out = slurm.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i|%j"], timeout=30)
     if mine := _steps_named(out, name):
         slurm.run(["scancel", *mine], timeout=30)
+
+
+def step_name(what: str, name: str) -> str:
+    """A step name per launch, ``aifab-WHAT-NAME-<random>``: a late clean-up of one attempt
+    never ends the next one's step."""
+    return f"aifab-{what}-{name}-{secrets.token_hex(3)}"
+
+
+def running_allocation(manager, name: str, *, one_node: str = ""):
+    """The session's running allocation ``name`` for work ``--on`` it. Raises BadRequest
+    naming what there is; ``one_node``, for work that runs on one node only, says why an
+    allocation of several nodes is refused."""
+    held = manager.allocations if manager is not None else {}
+    alloc = held.get(name)
+    if alloc is None:
+        live = ", ".join(n for n, a in held.items() if a.live) or "none"
+        raise BadRequest(f"on={name!r}: no such allocation of this session (held: {live}); "
+                         "request one with %alloc or aifab.allocate()")
+    if alloc.state != "running":
+        why = f" ({alloc.reason})" if alloc.state == "queued" and alloc.reason else ""
+        raise BadRequest(f"on={name!r}: the allocation is {alloc.state}{why}, not running: "
+                         "start it once the allocation runs")
+    if one_node and alloc.request.get("nodes", 1) > 1:
+        raise BadRequest(f"on={name!r}: the allocation has {alloc.request['nodes']} nodes; "
+                         f"{one_node}")
+    return alloc
+
+
+def allocation_gpus(alloc) -> tuple[str, ...]:
+    """The ledger's names of an allocation's GPUs: ``ALLOC:0``, ``ALLOC:1``, ..."""
+    return tuple(f"{alloc.name}:{i}" for i in range(int(alloc.request.get("gpus", 0))))
+
+
+def gpu_positions(alloc, gpus) -> dict[str, str]:
+    """The environment that narrows a step to the ledger's share of its GPUs."""
+    pool = allocation_gpus(alloc)
+    return {ENV_GPU_POSITIONS: ",".join(str(pool.index(g)) for g in gpus)}
+
+
+def pick_gpus(env) -> None:
+    """On the node: a step is given positions in its GPU list (the ledger's share of the
+    allocation): narrow Slurm's own CUDA_VISIBLE_DEVICES to them, whatever ids Slurm used
+    (0..N-1 under ConstrainDevices, the node's own indices without it). Each process applies
+    it once, before CUDA starts; torchrun's workers inherit Slurm's list."""
+    if ENV_GPU_POSITIONS not in env:
+        return
+    positions = [int(p) for p in env[ENV_GPU_POSITIONS].split(",") if p]
+    ids = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    ids = ids or [str(i) for i in range(max(positions, default=-1) + 1)]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[p] for p in positions)
+
+
+_ENDING: set = set()
+
+
+def end_step_soon(slurm_step: str) -> None:
+    """A service's step ("JOB|STEP NAME") whose srun ended or was killed may live on on the
+    node: end it, off the event loop's way when there is one (a step that already ended is
+    not found; a failure is left to the allocation's own end)."""
+    if not slurm_step:
+        return
+    job_id, name = slurm_step.split("|", 1)
+
+    def end() -> None:
+        try:
+            end_step(job_id, name)
+        except slurm.SlurmError:
+            pass
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        end()
+        return
+    task = asyncio.ensure_future(asyncio.to_thread(end))
+    _ENDING.add(task)  # (the loop keeps only a weak reference to a task)
+    task.add_done_callback(_ENDING.discard)
+
+
+def node_address(node: str) -> str:
+    """The address Slurm reaches ``node`` at (its NodeAddr; the name where none is set).
+    Blocking: call it off the event loop. Raises aifab.slurm.SlurmError."""
+    out = slurm.run(["scontrol", "show", "node", "-o", node], timeout=30)
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or node
+    return node

@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from aifab.extension.steps import pick_gpus
 from aifab.session import ENV_WALLTIME_END
 
 COMPLETE = "aifab-complete"
-# set by the fine-tune kind for a run --on an allocation (see pick_gpus)
-ENV_GPU_POSITIONS = "AIFAB_GPU_POSITIONS"
 RUN_FILE = "aifab-run.json"
 EXIT_INTERRUPTED = 75  # stopped early with a checkpoint: resume with --resume
 
@@ -64,19 +63,6 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("-")[1]), default=None)
 
 
-def pick_gpus(env) -> None:
-    """A run in an allocation's step is given positions in the step's GPU list (the ledger's
-    share of the allocation): narrow Slurm's own CUDA_VISIBLE_DEVICES to them, whatever ids
-    Slurm used (0..N-1 under ConstrainDevices, the node's own indices without it). Each
-    process applies it once, before CUDA starts; torchrun's workers inherit Slurm's list."""
-    if ENV_GPU_POSITIONS not in env:
-        return
-    positions = [int(p) for p in env[ENV_GPU_POSITIONS].split(",") if p]
-    ids = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    ids = ids or [str(i) for i in range(max(positions, default=-1) + 1)]
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[p] for p in positions)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +76,9 @@ def main(argv=None) -> int:
     out = Path(args.output)
     ckpt_dir = out / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
+    # each rank says where it runs (the log of a run on several nodes shows every host)
+    print(f"aifab trainer: rank {rank} of {os.environ.get('WORLD_SIZE', '1')} on "
+          f"{socket.gethostname()}", flush=True)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     stop_reason: list[str] = []

@@ -13,7 +13,7 @@ from .parsing import MagicArgumentParser
 USAGE = """%finetune MODEL DATA [--name N] [--method lora|full] [--epochs N | --max-steps N]
           [--lr F] [--batch-size N] [--grad-accum N] [--seq-len N] [--packing] [--lora-r N]
           [--lora-alpha N] [--gpus 2|0,1|all] [--output DIR] [--resume] [--serve]
-          [--on ALLOCATION]
+          [--on ALLOCATION [--nodes N]]
 %finetune list | %finetune stop NAME | %finetune logs NAME | %finetune attach NAME
 %%finetune  (cell: the same options as YAML, e.g. model: ..., data: ..., max_steps: 60)"""
 
@@ -62,6 +62,7 @@ def parse_finetune(line: str) -> tuple[str, dict]:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--serve", action="store_true")
     p.add_argument("--on")
+    p.add_argument("--nodes", type=int)
     opts = vars(p.parse_args(words))
     if str(opts.get("gpus", "")).isdigit():
         opts["gpus"] = int(opts["gpus"])

@@ -11,7 +11,8 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from .parsing import MagicArgumentParser
 
 USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
-       [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--wait] [-- extra vllm args]
+       [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--on ALLOCATION] [--wait]
+       [-- extra vllm args]
 %serve list [--all] | %serve stop NAME | %serve logs NAME [-n 50]"""
 
 
@@ -45,6 +46,7 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--lora", action="append", default=[])
     p.add_argument("--wait", action="store_true")
+    p.add_argument("--on")
     opts = p.parse_args(words)
     loras = {}
     for item in opts.lora:
@@ -105,7 +107,7 @@ class ServeMagics(Magics):
                 opts.model, name=opts.name, gpus=gpus, tensor_parallel=opts.tp,
                 max_model_len=opts.max_model_len,
                 gpu_memory_utilization=opts.gpu_memory_utilization, loras=opts.loras,
-                extra_args=extra)
+                extra_args=extra, on=opts.on)
         except ServiceRequestError as exc:
             raise UsageError(str(exc)) from None
         from .serve_widget import ServeWidget

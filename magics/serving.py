@@ -49,21 +49,23 @@ def serve(
     extra_args: Sequence[str] = (),
     wait: bool = False,
     timeout: float = 900,
+    on: str | None = None,
 ) -> Served:
     """Start vLLM on ``gpus`` of this session's GPUs (None: CPU if the session has none,
-    else 1) and return a handle. Refused before launch: a missing model directory, an unknown
-    vLLM flag, a name in use, GPUs held by another service."""
+    else 1) and return a handle; ``on=ALLOC``: on that allocation's node and GPUs instead,
+    as a step of it. Refused before launch: a missing model directory, an unknown vLLM
+    flag, a name in use, GPUs held by another service, an allocation that is not running."""
     from aifab.models import resolve
 
     model = resolve(model)  # a name in the site's shared model cache, if there is one
     client = SessionClient()
-    if gpus is None:
+    if gpus is None and not on:  # (--on: the server's default, from the allocation)
         gpus = 1 if client.session()["visible_gpus"] else 0
     spec = {"kind": "vllm", "name": name or default_name(model), "model": model,
             "gpus": gpus, "tensor_parallel": tensor_parallel,
             "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
             "loras": {k: kernel_path(v) for k, v in (loras or {}).items()},
-            "extra_args": list(extra_args)}
+            "extra_args": list(extra_args), **({"on": on} if on else {})}
     svc = client.create(spec)
     served = Served(svc["name"], client)
     return served.wait_ready(timeout) if wait else served

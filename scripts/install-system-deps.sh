@@ -4,7 +4,8 @@
 #              JupyterHub's configurable-http-proxy). No Slurm: the demo offers Slurm
 #              partitions only where it finds a Slurm.
 #   --test     the demo's packages and the real Slurm fixture's: slurmctld, slurmd, the
-#              client, munge and sudo (jobs run as another user)
+#              client, munge and sudo (jobs run as another user); iproute2 and util-linux
+#              for the multi-node Slurm (ip, nsenter, unshare: a namespace per node)
 #   --browser  Debian's chromium and a font (the browser test drives it with Playwright;
 #              Playwright downloads nothing)
 # Runs only as root (else it says what to install). No daemon is started: a temporary
@@ -16,7 +17,8 @@ for mode in "$@"; do
   case "$mode" in
     --demo) need+=([node]=nodejs [npm]=npm) ;;
     --test) need+=([node]=nodejs [npm]=npm [slurmctld]=slurmctld [slurmd]=slurmd
-                   [sbatch]=slurm-client [munged]=munge [sudo]=sudo) ;;
+                   [sbatch]=slurm-client [munged]=munge [sudo]=sudo [ip]=iproute2
+                   [nsenter]=util-linux [unshare]=util-linux) ;;
     --browser) need+=([chromium]=chromium) ;;
     *) echo "install-system-deps: unknown option $mode (--demo, --test, --browser)" >&2
        exit 2 ;;

@@ -103,6 +103,21 @@ def slurm(work_root):
 
 
 @pytest.fixture(scope="session")
+def slurm_nodes(work_root):
+    """A second Slurm of two nodes, each slurmd in network and UTS namespaces of its own
+    (tests/harness/slurm_nodes.py); skipped, with the reason, where the machine has none."""
+    from tests.harness.slurm_nodes import NamespacedCluster, available
+
+    why = available()
+    if why:
+        pytest.skip(f"no multi-node Slurm on this machine: {why}")
+    cluster = NamespacedCluster(work_root / "slurm-nodes")
+    cluster.start()
+    yield cluster
+    cluster.stop()  # raises if a namespace or link of it is left
+
+
+@pytest.fixture(scope="session")
 def test_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)

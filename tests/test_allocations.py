@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,11 +148,14 @@ def test_an_allocation_nothing_runs_in_is_released_one_with_a_step_is_kept(clean
 def test_bad_requests_are_refused_with_what_the_profile_allows(one_server, body, status,
                                                                message):
     server, slurm = one_server
+    # an earlier test's cancelled job may still be COMPLETING: only a new job id would be ours
+    before = {r["job_id"] for r in alloc_jobs(slurm)}
     r = server.request("POST", "aifab/api/allocations", json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["message"], r.json()["message"]
     assert server.get("aifab/api/allocations").json()["allocations"] == []
-    assert not alloc_jobs(slurm)  # nothing was submitted
+    submitted = {r["job_id"] for r in alloc_jobs(slurm)} - before
+    assert not submitted, f"a refused request submitted job(s) {submitted}"
 
 
 def test_a_session_the_hub_gave_no_slurm_profile_holds_none(clean, tmp_path):
@@ -243,4 +247,74 @@ def test_a_finetune_on_an_allocation_is_a_step_pinned_by_the_ledger(clean, tmp_p
         slurm.wait_for(lambda: "aifab-run-long" not in slurm.run(
             "squeue", "-h", "-s", "-j", job, "-o", "%j").stdout, 15, what="the run's step gone")
         assert list((tmp_path / "long" / "checkpoints").glob("checkpoint-*/aifab-complete"))
+    slurm.wait_for(lambda: not alloc_jobs(slurm), 15, what="the allocation cancelled at the end")
+
+
+def _curl(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
+    sudo = ["sudo", "-u", user] if user else []
+    return subprocess.run([*sudo, "curl", "-s", "--max-time", "10", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_serve_on_an_allocation_answers_the_proxy_and_nobody_else(clean, tmp_path, tiny_model,
+                                                                   test_user):
+    """`%serve tiny --on ALLOC` (its REST form): vLLM is a step of the allocation, on its
+    node's address; the session's proxy reaches it, and without the proxy's client
+    certificate nobody gets any answer from any endpoint: not another Unix user, not this
+    one, not with a certificate of another service."""
+    from aifab.extension import tls
+
+    slurm = clean
+    with JupyterServer(tmp_path / "server", env=ENV) as server:
+        r = server.request("POST", "aifab/api/allocations", json={**SMALL, "name": "infer"})
+        assert r.status_code == 201, r.text
+        job = wait_state(server, "infer", "running")["job_id"]
+        serve = {"kind": "vllm", "name": "tiny-on", "model": str(tiny_model), "on": "infer",
+                 "gpus": 0, "max_model_len": 256}
+        r = server.request("POST", "aifab/api/services", json=serve)
+        assert r.status_code == 201, r.text
+        steps = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i|%j").stdout
+        assert re.search(r"\|aifab-serve-tiny-on-[0-9a-f]{6}$", steps, re.M), steps
+
+        deadline = time.monotonic() + 300
+        while (info := server.get("aifab/api/services/tiny-on").json())["status"] == "starting":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.5)
+        assert info["status"] == "ready", server.get(
+            "aifab/api/services/tiny-on/logs", params={"n": "60"}).text
+        assert info["host"] == "127.0.0.1" and info["port"] > 0  # the node's NodeAddr
+        chat = server.request("POST", "aifab/proxy/tiny-on/v1/chat/completions", json={
+            "model": "tiny-on", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "ping"}]})
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["content"]
+
+        url = f"https://{info['host']}:{info['port']}"
+        certs = Path(info["tls"])
+        key = json.loads((Path(info["dir"]) / "record.json").read_text())["api_key"]
+        # the positive control: with the proxy's certificate, the service answers
+        mine = ["--cacert", str(certs / "aifab-service-ca" / "aifab-service-ca.crt"),
+                "--cert", str(certs / "aifab-proxy" / "aifab-proxy.crt"),
+                "--key", str(certs / "aifab-proxy" / "aifab-proxy.key")]
+        ok = _curl(*mine, "-H", f"Authorization: Bearer {key}", f"{url}/v1/models")
+        assert ok.returncode == 0 and "tiny-on" in ok.stdout, (ok.returncode, ok.stderr)
+        # and vLLM's own key is still asked for behind the certificate
+        keyless = _curl(*mine, "-o", "/dev/null", "-w", "%{http_code}", f"{url}/v1/models")
+        assert keyless.stdout == "401", (keyless.stdout, keyless.stderr)
+        # a certificate of another service's CA
+        other = tls.write_service_tls(tmp_path, tls.make_service_tls("127.0.0.1"))
+        theirs = ["--cert", str(other / "aifab-proxy" / "aifab-proxy.crt"),
+                  "--key", str(other / "aifab-proxy" / "aifab-proxy.key")]
+        for user, extra in ((test_user.pw_name, []), (None, []), (None, theirs)):
+            for path in ("/tokenize", "/metrics", "/invocations", "/v1/models"):
+                refused = _curl("-k", *extra, f"{url}{path}", user=user)
+                assert refused.returncode != 0 and not refused.stdout, (user, extra, path)
+        plain = _curl(f"http://{info['host']}:{info['port']}/metrics", user=test_user.pw_name)
+        assert "vllm:" not in plain.stdout  # plain HTTP to a TLS port: nothing of vLLM's
+
+        stopped = server.request("DELETE", "aifab/api/services/tiny-on").json()
+        assert stopped["status"] == "stopped"
+        slurm.wait_for(lambda: "aifab-serve-tiny-on" not in slurm.run(
+            "squeue", "-h", "-s", "-j", job, "-o", "%j").stdout, 20, what="the step gone")
+        assert server.get("aifab/api/allocations/infer").json()["state"] == "running"
     slurm.wait_for(lambda: not alloc_jobs(slurm), 15, what="the allocation cancelled at the end")

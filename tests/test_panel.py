@@ -38,6 +38,10 @@ USER = "panel"
 WALLTIME = "00:17:30"  # over the 15 minutes of the warning at the start, under it soon after
 XSS_LOG = '<script>window.__aifab_xss = "log"</script><b>not bold</b>'
 XSS_NAME = '<img src=x onerror="window.__aifab_xss = 1">'
+# enough steps that the run is still going when the stop test comes (on a fast machine it
+# once finished 150 before the Stop button was pressed; here 20 steps take a second), few
+# enough to finish in minutes
+STEPS = 2000
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.vllm]
 
@@ -124,7 +128,7 @@ def served(hub, lab):
     _run_notebook(lab, "panel-serve.ipynb")
     lab.get_by_text("vLLM: chat").wait_for(timeout=120_000)  # the widget: the request is in
     _close_notebook(lab, "panel-serve.ipynb")
-    return _vllm_server_of("chat")
+    return _vllm_server_of("chat", hub)
 
 
 def _run_notebook(page, name: str) -> None:
@@ -228,7 +232,8 @@ def test_a_finetune_runs_progress_moves_in_the_panel(lab, hub):
     (hub.home / "panel-train.ipynb").write_text(_notebook(
         "from aifab.magics.examples import tutorial_model, write_ping_pong\n"
         "MODEL = tutorial_model()\nwrite_ping_pong('ping.jsonl')",
-        "run = %finetune $MODEL ping.jsonl --name pong --max-steps 150 --lr 1e-3 --seq-len 64",
+        f"run = %finetune $MODEL ping.jsonl --name pong --max-steps {STEPS} --lr 1e-3 "
+        "--seq-len 64",
         "import aifab\ncluster = aifab.cluster(workers=1)"))
     _run_notebook(lab, "panel-train.ipynb")
     steps = _card(lab, "pong", "run").locator(".aifab-Steps")
@@ -236,7 +241,7 @@ def test_a_finetune_runs_progress_moves_in_the_panel(lab, hub):
     seen: list[int] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(set(seen)) < 3:
-        m = re.match(r"step (\d+)/150 · loss \d+\.\d{4}", steps.inner_text())
+        m = re.match(rf"step (\d+)/{STEPS} · loss \d+\.\d{{4}}", steps.inner_text())
         assert m, steps.inner_text()
         seen.append(int(m.group(1)))
         time.sleep(0.5)
@@ -252,13 +257,13 @@ def test_a_run_stopped_from_the_panel_resumes_from_its_checkpoint(lab):
     run.locator(".aifab-State-stopped").wait_for(timeout=120_000)
     checkpoint = run.get_by_text(re.compile(r"^last checkpoint: .*checkpoint-(\d+)$"))
     at = int(re.search(r"checkpoint-(\d+)$", checkpoint.inner_text()).group(1))
-    assert 0 < at < 150
+    assert 0 < at < STEPS
     run.get_by_role("button", name="Resume").click()
     steps = run.locator(".aifab-Steps")
     # this attempt's steps only, counted on from the checkpoint
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        m = re.match(r"step (\d+)/150", steps.inner_text()) if steps.count() else None
+        m = re.match(rf"step (\d+)/{STEPS}", steps.inner_text()) if steps.count() else None
         if m and int(m.group(1)) > at and run.locator(".aifab-State-starting").count():
             break
         time.sleep(0.5)
@@ -313,15 +318,15 @@ def test_stop_from_the_panel_ends_the_vllm_process(lab, served):
     lab.screenshot(path=SHOTS / "6-panel-service-stopped.png")
 
 
-def test_a_finished_run_is_served_from_the_panel_and_stopped_by_the_command(lab):
+def test_a_finished_run_is_served_from_the_panel_and_stopped_by_the_command(lab, hub):
     run = _card(lab, "pong", "run")
-    run.locator(".aifab-State-finished").wait_for(timeout=300_000)
+    run.locator(".aifab-State-finished").wait_for(timeout=600_000)
     assert "done: " in run.inner_text()
     run.get_by_role("button", name="Serve this adapter").click()
     card = _card(lab, "pong-srv")
     card.locator(".aifab-State-ready").wait_for(timeout=400_000)
     assert card.locator(".aifab-Url a").inner_text().endswith("/aifab/proxy/pong-srv/v1/")
-    server = _vllm_server_of("pong-srv")
+    server = _vllm_server_of("pong-srv", hub)
     assert any(arg.startswith("pong=") for arg in server.cmdline()), server.cmdline()
     # a second time: the server's refusal (409), word for word as the magics show it
     run.get_by_role("button", name="Serve this adapter").click()
@@ -468,11 +473,13 @@ def _vllm_processes():
             if "vllm.entrypoints.openai.api_server" in (p.info["cmdline"] or [])]
 
 
-def _vllm_server_of(served_name: str, timeout: float = 60) -> psutil.Process:
-    """The vLLM API server (the service's own process, not its engine child) of one model."""
+def _vllm_server_of(served_name: str, hub, timeout: float = 60) -> psutil.Process:
+    """The vLLM API server (the service's own process, not its engine child) of one model
+    of this hub's session (not one of an earlier run that is still on its way out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [p for p in _vllm_processes() if served_name in (p.info["cmdline"] or [])]
+        found = [p for p in _vllm_processes() if served_name in (p.info["cmdline"] or [])
+                 and _cwd(p).startswith(str(hub.state))]
         if found:
             return found[0]
         time.sleep(0.5)

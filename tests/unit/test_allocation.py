@@ -117,7 +117,7 @@ def test_finetune_on_an_allocation_from_the_magic():
 ])
 def test_a_run_in_an_allocation_keeps_only_its_share_of_slurms_gpus(slurm_ids, positions,
                                                                     expected):
-    from aifab.extension.trainer import pick_gpus
+    from aifab.extension.steps import pick_gpus
 
     env = {"AIFAB_GPU_POSITIONS": positions}
     if slurm_ids is not None:
