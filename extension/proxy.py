@@ -48,7 +48,9 @@ _clients: dict[str, httpclient.AsyncHTTPClient] = {}
 
 
 def _key(svc) -> str:
-    return svc.socket or f"{svc.host or '127.0.0.1'}:{svc.port}"
+    # (a TLS service's client is its own, never a plain one of an earlier service that had
+    # the same address)
+    return svc.socket or f"{svc.host or '127.0.0.1'}:{svc.port}{'|' + svc.tls if svc.tls else ''}"
 
 
 _contexts: dict[str, object] = {}

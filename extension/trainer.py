@@ -203,12 +203,17 @@ def main(argv=None) -> int:
                     "lora_alpha": args.lora_alpha, "batch_size": args.batch_size,
                     "grad_accum": args.grad_accum, "seq_len": args.seq_len,
                     "packing": args.packing,
-                    "world_size": int(os.environ.get("WORLD_SIZE", "1"))}})
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    # torchrun's number of agents: one per node
+                    "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "1"))}})
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if stopped_by_us:  # (a signal after the last step changes nothing: the run is done)
         emit({"event": "interrupted", "reason": stop_reason[0],
               "step": trainer.state.global_step})
+        # rank 0 has said so before any rank exits: a rank's exit ends the others' processes
+        # (srun --kill-on-bad-exit on several nodes)
+        _barrier()
         return EXIT_INTERRUPTED
     if rank == 0:
         trainer.save_model(str(out))  # the adapter (LoRA) or the model (full)

@@ -60,14 +60,20 @@ class ClusterOptionError(ValueError):
     """A keyword of aifab.cluster() is unknown or invalid; nothing was started."""
 
 
-def cluster(*, workers: int = 0, **overrides):
+def cluster(*, workers: int = 0, on: str = "", **overrides):
     """A dask cluster for this session, with ``workers`` worker processes requested now.
 
     Slurm keywords are dask-jobqueue's ``SLURMCluster`` ones (cores, memory, processes, walltime,
     queue, account, job_extra_directives, interface, ...) plus ``reservation`` and
     ``gpus_per_worker``. On this machine, LocalCluster's (threads_per_worker, memory_limit, ...).
+    ``on=ALLOC``: the workers run as steps of that allocation of the session, whatever the
+    session's own placement (cores, memory, processes, interface; see dask_allocation).
     """
     _check_count("workers", workers)
+    if on:
+        from .dask_allocation import AllocationCluster
+
+        return AllocationCluster.for_allocation(on, workers=workers, **overrides)
     session = Session.from_env()
     if session.backend == "slurm":
         return SessionSLURMCluster.for_session(session, workers=workers, **overrides)

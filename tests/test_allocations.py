@@ -273,8 +273,9 @@ def test_serve_on_an_allocation_answers_the_proxy_and_nobody_else(clean, tmp_pat
                  "gpus": 0, "max_model_len": 256}
         r = server.request("POST", "aifab/api/services", json=serve)
         assert r.status_code == 201, r.text
-        steps = slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i|%j").stdout
-        assert re.search(r"\|aifab-serve-tiny-on-[0-9a-f]{6}$", steps, re.M), steps
+        slurm.wait_for(lambda: re.search(r"\|aifab-serve-tiny-on-[0-9a-f]{6}$", slurm.run(
+            "squeue", "-h", "-s", "-j", job, "-o", "%i|%j").stdout, re.M), 30,
+            what="vLLM's step in the allocation")
 
         deadline = time.monotonic() + 300
         while (info := server.get("aifab/api/services/tiny-on").json())["status"] == "starting":

@@ -24,7 +24,7 @@ MULTI = Allowance(profile="multi", partition="multi", gres_type="gh200", max_nod
                   default_walltime_s=600)
 PAIR = {"profile": "multi", "name": "pair", "nodes": 2, "gpus": 0, "cpus": 2, "memory_gb": 2,
         "walltime": "00:20:00"}
-STEPS = 60
+STEPS = 150  # enough that the run is still going when a rank is killed after step 10
 
 
 def test_each_node_is_a_host_of_its_own_with_its_gpus(slurm_nodes):
@@ -110,8 +110,11 @@ def test_a_run_on_two_nodes_fails_with_a_rank_and_resumes_to_the_exact_step(
 
         r = server.request("POST", "aifab/api/services", json=run)
         assert r.status_code == 201, r.text
-        steps = slurm_nodes.run("squeue", "-h", "-s", "-j", job, "-o", "%j|%N").stdout
-        assert re.search(r"^aifab-run-duo-[0-9a-f]{6}\|node\[1-2\]$", steps, re.M), steps
+        # one step over both nodes (srun registers it a moment after it starts)
+        slurm_nodes.wait_for(lambda: re.search(
+            r"^aifab-run-duo-[0-9a-f]{6}\|node\[1-2\]$", slurm_nodes.run(
+                "squeue", "-h", "-s", "-j", job, "-o", "%j|%N").stdout, re.M), 30,
+            what="the run's step on node[1-2]")
 
         # past the first checkpoint, kill -9 rank 1's trainer on node2
         metrics = out / "metrics.jsonl"
@@ -150,4 +153,50 @@ def test_a_run_on_two_nodes_fails_with_a_rank_and_resumes_to_the_exact_step(
 
         r = server.request("DELETE", "aifab/api/allocations/pair")
         assert r.status_code == 200, r.text
+    slurm_nodes.wait_for(lambda: not slurm_nodes.squeue(), 20, what="the allocation gone")
+
+
+def test_dask_workers_run_as_steps_on_both_nodes(slurm_nodes, tmp_path, ipython_on,
+                                                 monkeypatch):
+    """`aifab.cluster(on=ALLOC)`: the workers are steps of the allocation, one per node (by
+    their number), the scheduler in the kernel on the interface the nodes reach; closing the
+    cluster ends the steps, the allocation stays."""
+    from distributed import Client
+
+    import aifab
+    from aifab.magics.dask_cluster import ClusterOptionError
+
+    env = {"AIFAB_BACKEND": "local", "AIFAB_ALLOCATABLE": allowances_to_env([MULTI]),
+           "JUPYTERHUB_USER": "multi-tester", "JUPYTERHUB_SERVER_NAME": "",
+           **slurm_nodes.env}
+    with JupyterServer(tmp_path / "server", env=env) as server:
+        ipython_on(server)
+        monkeypatch.setenv("SLURM_CONF", slurm_nodes.env["SLURM_CONF"])  # the kernel's Slurm
+        alloc = aifab.allocate("multi", nodes=2, gpus=0, cpus=2, memory_gb=2,
+                               walltime="00:20:00", name="pair", wait=True, timeout=60)
+        with pytest.raises(ClusterOptionError, match="'queue' is the allocation's own"):
+            aifab.cluster(on="pair", workers=1, queue="debug")
+        with pytest.raises(ClusterOptionError, match="give interface=NAME"):
+            aifab.cluster(on="pair", workers=1)
+        cluster = aifab.cluster(on="pair", workers=2, cores=1, memory="1GiB",
+                                interface=slurm_nodes.bridge)
+        try:
+            with Client(cluster) as client:
+                client.wait_for_workers(2, timeout=120)
+                hosts = client.run(lambda: __import__("socket").gethostname())
+                assert sorted(hosts.values()) == ["node1", "node2"], hosts
+                # the workers listen on their nodes' addresses, which the scheduler reaches
+                assert sorted(a.split("//")[1].rsplit(":", 1)[0] for a in hosts) == \
+                    ["10.213.7.11", "10.213.7.12"], hosts
+                assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+            steps = slurm_nodes.run("squeue", "-h", "-s", "-j", alloc.job_id,
+                                    "-o", "%j").stdout.split()
+            assert len([s for s in steps if s.startswith("aifab-dask-")]) == 2, steps
+        finally:
+            cluster.close()
+        slurm_nodes.wait_for(lambda: "aifab-dask-" not in slurm_nodes.run(
+            "squeue", "-h", "-s", "-j", alloc.job_id, "-o", "%j").stdout, 30,
+            what="the worker steps ended")
+        assert alloc.state == "running"
+        alloc.release()
     slurm_nodes.wait_for(lambda: not slurm_nodes.squeue(), 20, what="the allocation gone")

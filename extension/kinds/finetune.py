@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from aifab import slurm
 from aifab.api import BadRequest, FineTuneOptions, Status
 from aifab.models import cached_models, offline_refusal, resolve
 from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
@@ -29,13 +30,14 @@ from ..trainer import COMPLETE
 from .base import LaunchPlan, ServiceKind, base_env
 
 RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
-# the first node's port of a multi-node run's rendezvous: one of these, at random (the server
+# the first node's port of a multi-node run's rendezvous: one of these, at random, above
+# torch's customary 29500 (the server
 # cannot ask another machine for a free port before the step starts there)
-RDZV_PORTS = (29400, 600)
+RDZV_PORTS = (29510, 490)
 EXIT_INTERRUPTED = 75  # the trainer's "stopped early, checkpoint saved"
 # what a --resume must keep equal (the checkpoint's shapes and the data order)
 RESUME_SHAPE = ("model", "method", "lora_r", "lora_alpha", "batch_size", "grad_accum",
-                "seq_len", "packing")
+                "seq_len", "packing", "nodes")
 
 
 def check_options(o: FineTuneOptions) -> FineTuneOptions:
@@ -93,8 +95,8 @@ def _check_resume_shape(o: FineTuneOptions, out: Path) -> None:
     if not starts or "shape" not in starts[-1]:
         return
     was = starts[-1]["shape"]
-    changed = [f"{k} {was[k]!r} -> {getattr(o, k)!r}" for k in RESUME_SHAPE
-               if k in was and was[k] != getattr(o, k)]
+    changed = [f"{k} {was.get(k, 1)!r} -> {getattr(o, k)!r}" for k in RESUME_SHAPE
+               if (k in was or k == "nodes") and was.get(k, 1) != getattr(o, k)]
     if changed:
         raise BadRequest("--resume must keep the run's settings; changed: " + ", ".join(changed))
 
@@ -123,11 +125,12 @@ def default_run_name(model: str) -> str:
     return (f"ft-{base}"[:33] + time.strftime("-%H%M%S")).strip("-")
 
 
-def trainer_argv(python: str, o: FineTuneOptions, ngpus: int, *, rendezvous: str = "",
-                 rendezvous_id: str = "") -> list[str]:
+def trainer_argv(python: str, o: FineTuneOptions, ngpus: int, *, master: str = "") -> list[str]:
     """The trainer's command line: one process on the CPU or one GPU; torchrun with one
-    process per GPU; with ``rendezvous`` (HOST:PORT on the first node), torchrun on each of
-    ``o.nodes`` nodes, meeting there (torch's c10d rendezvous: no etcd, no fixed master)."""
+    process per GPU; with ``master`` (ADDRESS:PORT of the first node), torchrun on each of
+    ``o.nodes`` nodes, meeting there. The static rendezvous, each node's rank from Slurm
+    (``aifab.extension.node_rank``): torch's c10d rendezvous unpickles what its store holds,
+    and that store answers anyone who reaches its port."""
     args = ["-m", "aifab.extension.trainer", "--model", o.model, "--data", o.data,
             "--output", o.output, "--name", o.name, "--method", o.method, "--lr", str(o.lr),
             "--batch-size", str(o.batch_size), "--grad-accum", str(o.grad_accum),
@@ -147,9 +150,11 @@ def trainer_argv(python: str, o: FineTuneOptions, ngpus: int, *, rendezvous: str
     torchrun = [python, "-m", "torch.distributed.run", "--max-restarts=0",
                 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                 "--shutdown-timeout=50", f"--nproc-per-node={max(ngpus, 1)}"]
-    if rendezvous:
-        return [*torchrun, f"--nnodes={o.nodes}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={rendezvous_id}", *args]
+    if master:
+        addr, port = master.rsplit(":", 1)
+        return [python, "-m", "aifab.extension.node_rank", *torchrun, f"--nnodes={o.nodes}",
+                "--rdzv-backend=static", f"--master-addr={addr}", f"--master-port={port}",
+                *args]
     if ngpus > 1:  # one process per GPU
         return [*torchrun, "--standalone", *args]
     return [python, *args]
@@ -176,17 +181,30 @@ class FineTuneKind(ServiceKind):
     fields = tuple(f for f in FineTuneOptions.field_names() if f not in ("name", "gpus"))
     slow_validation = True  # reads the whole data set once
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._node_addrs: dict[tuple[str, str], str] = {}  # (job, node) -> its NodeAddr
+
     def validate(self, spec: Mapping) -> FineTuneOptions:
         self.check_fields(spec)
         body = {k: v for k, v in spec.items() if k != "kind"}
         options = check_options(FineTuneOptions.from_request(body))
-        if options.nodes < 1:
+        if not isinstance(options.nodes, int) or options.nodes < 1:
             raise BadRequest(f"nodes={options.nodes!r}: 1 or more (of an allocation's nodes)")
+        if not isinstance(options.on, str):
+            raise BadRequest(f"on={options.on!r}: the name of an allocation of this session")
         if options.on:
             alloc = self._allocation(options.on)
             if options.nodes > len(alloc.nodes):
                 raise BadRequest(f"nodes={options.nodes}: allocation {options.on!r} has "
                                  f"{len(alloc.nodes)} node(s) ({', '.join(alloc.nodes)})")
+            if options.nodes > 1:  # where the first node's torchrun listens (off the loop here)
+                try:
+                    self._node_addrs[(alloc.job_id, alloc.nodes[0])] = \
+                        steps.node_address(alloc.nodes[0])
+                except slurm.SlurmError as exc:
+                    raise BadRequest(f"on={options.on!r}: Slurm does not say where node "
+                                     f"{alloc.nodes[0]} is: {exc}") from None
         elif options.nodes > 1:
             raise BadRequest(f"nodes={options.nodes}: a run on several nodes runs in an "
                              "allocation of that many nodes: add on=ALLOCATION (%alloc)")
@@ -215,11 +233,12 @@ class FineTuneKind(ServiceKind):
             alloc = self._allocation(request.on)
             # the step gets all of the allocation's GPUs; the trainer keeps the ledger's share
             step = steps.step_name("run", name)
-            # several nodes: one torchrun on each, meeting at the first node (c10d)
-            rendezvous = (f"{alloc.nodes[0]}:{RDZV_PORTS[0] + secrets.randbelow(RDZV_PORTS[1])}"
-                          if request.nodes > 1 else "")
-            argv = trainer_argv(self.ctx.python, request, len(gpus), rendezvous=rendezvous,
-                                rendezvous_id=step)
+            # several nodes: one torchrun on each, meeting at the first node's address
+            master = ""
+            if request.nodes > 1:
+                addr = self._node_addrs.get((alloc.job_id, alloc.nodes[0]), alloc.nodes[0])
+                master = f"{addr}:{RDZV_PORTS[0] + secrets.randbelow(RDZV_PORTS[1])}"
+            argv = trainer_argv(self.ctx.python, request, len(gpus), master=master)
             argv = steps.step_argv(alloc, step, argv, nodes=request.nodes)
             env = {**steps.node_env(env), **steps.contract(alloc),
                    **steps.gpu_positions(alloc, gpus)}

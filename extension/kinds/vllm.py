@@ -226,10 +226,10 @@ class VllmKind(ServiceKind):
                               loras={k: os.path.abspath(os.path.expanduser(v))
                                      for k, v in loras.items()},
                               extra_args=list(extra), gpus=spec.get("gpus"))
-        on = spec.get("on") or ""
+        on = spec.get("on", "")
+        if not isinstance(on, str):
+            raise BadRequest(f"on={on!r}: the name of an allocation of this session")
         if on:
-            if not isinstance(on, str):
-                raise BadRequest(f"on={on!r}: the name of an allocation of this session")
             alloc = self._allocation(on)
             try:
                 request.node_addr = steps.node_address(alloc.nodes[0])

@@ -44,7 +44,7 @@ def available() -> str:
     for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool!r} is not installed (Debian packages iproute2, util-linux)"
-    probe = "aifab-probe-ns"
+    probe = f"aifab-probe-{os.getpid()}"
     res = _ip("netns", "add", probe, check=False)
     if res.returncode != 0:
         return f"this kernel or container allows no network namespace: {res.stderr.strip()}"
@@ -127,8 +127,8 @@ class NamespacedCluster(SlurmCluster):
         why = available()
         if why:
             raise SlurmHarnessError(f"no namespaced Slurm here: {why}")
-        self._network_up()
         try:
+            self._network_up()
             super().start(timeout=timeout, warmup=warmup)
         except BaseException:
             self._network_down()

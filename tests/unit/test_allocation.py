@@ -89,8 +89,13 @@ def test_a_step_gets_the_allocations_size_and_contract_never_the_servers_tokens(
                             request={"profile": "gh200", "gpus": 4, "cpus": 72,
                                      "walltime": "01:00:00", "partition": "normal"})
     assert steps.step_argv(alloc, "aifab-run-x", ["python", "-V"]) == [
-        "srun", "--overlap", "--jobid=42", "-N1", "-n1", "--cpus-per-task=72", "--mem=0",
-        "--nodelist=nid001", "--job-name=aifab-run-x", "--quiet", "python", "-V"]
+        "srun", "--overlap", "--jobid=42", "-N1", "-n1", "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1", "--cpus-per-task=72", "--mem=0", "--nodelist=nid001",
+        "--job-name=aifab-run-x", "--quiet", "python", "-V"]
+    # a task on each of the first N nodes
+    assert steps.step_argv(alloc, "aifab-run-y", ["true"], nodes=2)[3:8] == [
+        "-N2", "-n2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=72"]
+    assert "--nodelist=nid001,nid002" in steps.step_argv(alloc, "y", ["true"], nodes=2)
     server = {"PATH": "/usr/bin", "HF_HOME": "/models", "SLURM_CONF": "/etc/slurm.conf",
               "JUPYTERHUB_API_TOKEN": "t", "AIFAB_SERVER_TOKEN": "t", "SLURM_JOB_ID": "7",
               "CUDA_VISIBLE_DEVICES": "0", "AIFAB_BACKEND": "local", "JUPYTER_TOKEN": "t",

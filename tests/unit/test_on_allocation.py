@@ -91,7 +91,13 @@ def test_a_service_on_a_node_answers_only_its_proxys_certificate(tmp_path):
 
     no_cert = ssl.create_default_context()
     no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
-    clients = [tls.client_context(certs), tls.client_context(other), no_cert]
+    # another service's proxy certificate, the service's own not checked: the service must
+    # be the one to refuse it
+    foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    foreign.check_hostname, foreign.verify_mode = False, ssl.CERT_NONE
+    foreign.load_cert_chain(other / "aifab-proxy" / "aifab-proxy.crt",
+                            other / "aifab-proxy" / "aifab-proxy.key")
+    clients = [tls.client_context(certs), foreign, no_cert]
     thread = threading.Thread(target=serve, args=(len(clients),), daemon=True)
     thread.start()
     got = []
@@ -107,3 +113,38 @@ def test_a_service_on_a_node_answers_only_its_proxys_certificate(tmp_path):
     # the proxy's certificate: served; another service's, or none: nothing
     assert got == [b"hello", b"", b""]
     assert results == ["served", "refused", "refused"]
+
+
+def test_a_run_on_several_nodes_meets_through_the_static_rendezvous():
+    from aifab.api import FineTuneOptions
+    from aifab.extension.kinds.finetune import trainer_argv
+
+    o = FineTuneOptions(model="/m", data="/d.jsonl", name="duo", output="/o", nodes=2,
+                        on="pair")
+    argv = trainer_argv("/py", o, 0, master="10.0.0.11:29601")
+    # each node's rank from Slurm, torchrun's static rendezvous at the first node's address;
+    # never c10d (its store's state is unpickled by every agent)
+    assert argv[:3] == ["/py", "-m", "aifab.extension.node_rank"]
+    assert argv[3:6] == ["/py", "-m", "torch.distributed.run"]
+    assert {"--nnodes=2", "--rdzv-backend=static", "--master-addr=10.0.0.11",
+            "--master-port=29601", "--nproc-per-node=1", "--max-restarts=0"} <= set(argv)
+    assert not [a for a in argv if "c10d" in a or a.startswith("--rdzv-endpoint")]
+    # one node, several GPUs: torchrun --standalone; one GPU or none: the trainer itself
+    assert "--standalone" in trainer_argv("/py", o, 4) and "--nproc-per-node=4" in \
+        trainer_argv("/py", o, 4)
+    assert trainer_argv("/py", o, 1)[:3] == ["/py", "-m", "aifab.extension.trainer"]
+
+
+def test_node_rank_hands_slurms_node_id_to_torchrun(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "aifab.extension.node_rank", sys.executable,
+                          "-c", "import os; print(os.environ['PET_NODE_RANK'])"],
+                         env={"SLURM_NODEID": "1", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout) == (0, "1\n"), out.stderr
+    outside = subprocess.run([sys.executable, "-m", "aifab.extension.node_rank", "true"],
+                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                             timeout=30)
+    assert outside.returncode != 0 and "inside a Slurm step" in outside.stderr
