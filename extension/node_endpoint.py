@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen([*program, "--host", args.host, "--port", str(port)], env=env)
         for sig in FORWARDED:
             signal.signal(sig, lambda s, _f: child.send_signal(s))
-        write_endpoint(args.endpoint, args.host, port)
+        try:
+            write_endpoint(args.endpoint, args.host, port)
+        except OSError:
+            child.terminate()  # nobody would ever find it
+            child.wait()
+            raise
         return child.wait()
     finally:
         shutil.rmtree(private, ignore_errors=True)

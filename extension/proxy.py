@@ -84,7 +84,13 @@ def service_base_url(svc) -> str:
     host), ``http://127.0.0.1:PORT`` for a port, ``https://NODE:PORT`` on a node."""
     if svc.socket:
         return "http://localhost"
-    return f"{'https' if svc.tls else 'http'}://{svc.host or '127.0.0.1'}:{svc.port}"
+    return f"{'https' if svc.tls else 'http'}://{_url_host(svc.host)}:{svc.port}"
+
+
+def _url_host(host: str) -> str:
+    """A host as a URL has it: an IPv6 address in brackets."""
+    host = host or "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def forget(svc) -> None:
@@ -203,7 +209,7 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         # over a socket the host is only a name (jsp requires "localhost"), the port unused
         if self.svc.socket:
             return ("localhost", 80)
-        return (self.svc.host or "127.0.0.1", self.svc.port)
+        return (_url_host(self.svc.host), self.svc.port)
 
     # --- what goes to the service
 

@@ -148,7 +148,7 @@ class ServiceManager:
                       api_key=api_key, dir=str(svc_dir), model=plan.model,
                       served_name=plan.served_name, output=plan.output, socket=plan.socket,
                       loras=plan.loras, request=plan.request, slurm_step=plan.slurm_step,
-                      tls=plan.tls)
+                      tls=plan.tls, host=plan.host)
         try:
             proc, svc.started = supervisor.launch(plan.argv, env=plan.env,
                                                   log_path=svc.log_path, cwd=svc_dir)

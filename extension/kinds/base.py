@@ -47,6 +47,7 @@ class LaunchPlan:
     request: dict = field(default_factory=dict)  # kept in the record (see Service.request)
     slurm_step: str = ""  # "JOB|STEP NAME" of a service run as a step of an allocation
     tls: str = ""  # the folder of its TLS files, for a service reached over the network
+    host: str = ""  # where such a service listens (its node's address; the port comes later)
     # undoes what building the plan made outside the service's folder (a runtime directory)
     discard: Callable[[], None] = lambda: None
 

@@ -352,7 +352,8 @@ class VllmKind(ServiceKind):
         env.pop("TMPDIR", None)
         return LaunchPlan(argv=argv, env=env, model=request.model,
                           served_name=request.served_name, loras=request.loras,
-                          slurm_step=f"{alloc.job_id}|{step}", tls=str(certs))
+                          slurm_step=f"{alloc.job_id}|{step}", tls=str(certs),
+                          host=request.node_addr)
 
     def phase(self, svc: Service) -> str:
         from ..records import tail
@@ -396,13 +397,15 @@ class VllmKind(ServiceKind):
 
 
 def _read_endpoint(svc: Service) -> bool:
-    """A step's host and port, once node_endpoint has written them (into the record: the
-    server saves it)."""
+    """A step's port, once node_endpoint has written it (into the record: the server saves
+    it). The host is the node's address the server gave the step, never the file's."""
     try:
-        endpoint = json.loads((Path(svc.dir) / ENDPOINT_FILE).read_text())
-        svc.host, svc.port = str(endpoint["host"]), int(endpoint["port"])
+        port = int(json.loads((Path(svc.dir) / ENDPOINT_FILE).read_text())["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    if not 0 < port < 65536:
+        return False
+    svc.port = port
     return True
 
 

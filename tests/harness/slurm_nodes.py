@@ -127,6 +127,8 @@ class NamespacedCluster(SlurmCluster):
         why = available()
         if why:
             raise SlurmHarnessError(f"no namespaced Slurm here: {why}")
+        # slurmds a crashed run left live in namespaces that are about to be made anew
+        self._kill([f"slurmd@{n}" for n in self.addresses])
         try:
             self._network_up()
             super().start(timeout=timeout, warmup=warmup)
