@@ -149,12 +149,13 @@ def pick_gpus(env) -> None:
 _ENDING: set = set()
 
 
-def end_step_soon(slurm_step: str) -> None:
+def end_step_soon(slurm_step: str) -> asyncio.Future | None:
     """A service's step ("JOB|STEP NAME") whose srun ended or was killed may live on on the
     node: end it, off the event loop's way when there is one (a step that already ended is
-    not found; a failure is left to the allocation's own end)."""
+    not found; a failure is left to the allocation's own end). On a loop, returns the task,
+    for a caller that waits for it."""
     if not slurm_step:
-        return
+        return None
     job_id, name = slurm_step.split("|", 1)
 
     def end() -> None:
@@ -167,10 +168,21 @@ def end_step_soon(slurm_step: str) -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         end()
-        return
+        return None
     task = asyncio.ensure_future(asyncio.to_thread(end))
     _ENDING.add(task)  # (the loop keeps only a weak reference to a task)
     task.add_done_callback(_ENDING.discard)
+    return task
+
+
+def first_node_address(alloc, on: str) -> str:
+    """``node_address`` of the allocation's first node, for work ``on`` it. Blocking.
+    Raises BadRequest when Slurm does not say."""
+    try:
+        return node_address(alloc.nodes[0])
+    except slurm.SlurmError as exc:
+        raise BadRequest(f"on={on!r}: Slurm does not say where node {alloc.nodes[0]} is: "
+                         f"{exc}") from None
 
 
 def node_address(node: str) -> str:

@@ -29,6 +29,7 @@ from distributed.deploy.spec import ProcessInterface
 
 from aifab import slurm
 from aifab.extension import dask_jobs, steps
+from aifab.session import Session
 
 from .dask_cluster import (
     ClusterOptionError,
@@ -37,6 +38,7 @@ from .dask_cluster import (
     _check_count,
     _interfaces,
     _private_dir,
+    slurm_settings,
 )
 
 # what an allocation decides already (or what a step has no use for)
@@ -60,15 +62,14 @@ class AllocationStepJob(SessionSLURMJob):
         return nodes[int(tail) % len(nodes)] if tail.isdigit() else nodes[0]
 
     async def start(self):
+        node = self._node()
         alloc = SimpleNamespace(job_id=self.allocation["job_id"],
-                                request=self.allocation["request"],
-                                nodes=[self._node()])
+                                request=self.allocation["request"], nodes=[node])
+        step = steps.step_name("dask", str(self.name))
         # the worker listens on its node's address as Slurm reaches it (the kernel must
         # reach it: the scheduler gathers results from the workers)
-        host = await asyncio.to_thread(steps.node_address, alloc.nodes[0])
-        step = steps.step_name("dask", str(self.name))
         argv = steps.step_argv(alloc, step, [*shlex.split(self._command_template),
-                                             "--host", host])
+                                             "--host", self.allocation["node_addrs"][node]])
         log_dir = self.log_directory or str(_private_dir("dask-logs"))
         self._log = open(os.path.join(log_dir, f"{step}.log"), "ab")  # noqa: SIM115
         # (in the kernel's process group: a kernel that is shut down takes its sruns along,
@@ -88,12 +89,9 @@ class AllocationStepJob(SessionSLURMJob):
             except asyncio.TimeoutError:
                 srun.kill()
                 await srun.wait()
-        if self.job_id:  # a step whose srun was killed lives on on the node
-            job_id, step = self.job_id.split("|", 1)
-            try:
-                await asyncio.to_thread(steps.end_step, job_id, step)
-            except slurm.SlurmError:
-                pass  # the allocation's own end takes the step with it
+        ending = steps.end_step_soon(self.job_id)  # a step whose srun was killed lives on
+        if ending is not None:
+            await ending
         if self._log is not None:
             self._log.close()
         await ProcessInterface.close(self)
@@ -122,37 +120,23 @@ class AllocationCluster(SessionSLURMCluster):
         cpus = int(info["request"].get("cpus", 1))
         o = dict(overrides)
         o["cores"] = _check_count("cores", o.get("cores", cpus), 1, cpus)
-        interface = o.pop("interface", None) or os.environ.get("AIFAB_DASK_INTERFACE") or None
-        if interface is None:
-            import dask
-
-            interface = dask.config.get("jobqueue.slurm.interface", None)
-        if not interface:
+        # (the interface as for batch workers: keyword, site config, session; checked there)
+        settings = slurm_settings(Session.from_env(), o)
+        if not settings["interface"]:
             raise ClusterOptionError(
                 f"aifab.cluster(on={name!r}): give interface=NAME, the network interface of "
                 "this machine that the allocation's nodes reach (the site may set "
                 f"jobqueue.slurm.interface); this machine has: {', '.join(sorted(_interfaces()))}")
-        if interface not in _interfaces():
-            raise ClusterOptionError(f"aifab.cluster(): interface={interface!r} does not exist "
-                                     f"here; this machine has: {', '.join(sorted(_interfaces()))}")
-        from aifab.session import Session
-
-        from .dask_cluster import _ensure_watchdog, slurm_settings
-
-        settings = slurm_settings(Session.from_env(), o)
         # the scheduler on that interface; the workers on their nodes' addresses (not the
-        # interface: its name is this machine's)
-        settings["interface"] = None
+        # interface: its name is this machine's), asked of Slurm once
         settings["scheduler_options"] = {**settings["scheduler_options"],
-                                         "interface": interface}
-        _ensure_watchdog()
-        self = cls(**settings, allocation=info)
-        self.session_key = dask_jobs.session_key()
-        self.allocation_name = name
-        self._register("slurm")
-        if workers:
-            self.scale(workers)
-        return self
+                                         "interface": settings.pop("interface")}
+        try:
+            info["node_addrs"] = {n: steps.node_address(n) for n in info["nodes"]}
+        except slurm.SlurmError as exc:
+            raise ClusterOptionError(f"aifab.cluster(on={name!r}): Slurm does not say where "
+                                     f"its nodes are: {exc}") from None
+        return cls._started(settings, workers, allocation=info)
 
     def job_states(self) -> dict[str, tuple[str, str]]:
         return {}  # steps of a running allocation never queue

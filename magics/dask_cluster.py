@@ -342,9 +342,13 @@ class SessionSLURMCluster(_SessionWidget, SLURMCluster):
 
     @classmethod
     def for_session(cls, session: Session, *, workers: int = 0, **overrides):
-        settings = slurm_settings(session, overrides)
+        return cls._started(slurm_settings(session, overrides), workers)
+
+    @classmethod
+    def _started(cls, settings: dict, workers: int, **job_kwargs):
+        """The cluster from checked settings: watched, registered, ``workers`` requested."""
         _ensure_watchdog()
-        self = cls(**settings)
+        self = cls(**settings, **job_kwargs)
         self.session_key = dask_jobs.session_key()
         self._register("slurm")
         if workers:

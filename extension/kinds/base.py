@@ -16,6 +16,7 @@ from pathlib import Path
 from aifab.api import BadRequest, Status
 from aifab.session import Session
 
+from .. import steps
 from ..records import Service
 
 # a launcher's ranks must never leak into a service started from a rank's environment
@@ -61,6 +62,9 @@ class ServiceKind:
     fields: tuple[str, ...] = ()
     # validation reads files or runs programs: the server runs it off its event loop
     slow_validation = False
+    # for a kind whose requests may go ``on`` an allocation (a field ``on``) but run on one
+    # node only: why an allocation of several nodes is refused ("" = any allocation)
+    one_node_only = ""
 
     def __init__(self, ctx: KindContext):
         self.ctx = ctx
@@ -81,14 +85,22 @@ class ServiceKind:
         """The typed request, checked. Raises BadRequest naming the field."""
         raise NotImplementedError
 
+    def allocation(self, name: str):
+        """The session's running allocation a request goes ``on``. Raises BadRequest."""
+        return steps.running_allocation(self.ctx.allocations, name,
+                                        one_node=self.one_node_only)
+
     def gpu_pool(self, request) -> tuple[str, ...]:
         """The GPUs the ledger hands this request's out of: the session's own, unless the
         request runs in one of the session's allocations (then that allocation's)."""
-        return self.ctx.session.visible_gpus
+        on = getattr(request, "on", "")
+        return steps.allocation_gpus(self.allocation(on)) if on else \
+            self.ctx.session.visible_gpus
 
     def default_gpus(self, request) -> object:
-        """What ``gpus`` means when the request leaves it out."""
-        return 1 if self.ctx.session.visible_gpus else 0
+        """What ``gpus`` means when the request leaves it out: one of its pool's, if any."""
+        gpus = getattr(request, "gpus", None)
+        return gpus if gpus is not None else (1 if self.gpu_pool(request) else 0)
 
     def plan(self, request, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from aifab import slurm
 from aifab.api import BadRequest, FineTuneOptions, Status
 from aifab.models import cached_models, offline_refusal, resolve
 from aifab.names import HF_MODEL_ID, SERVICE_NAME, SERVICE_NAME_RULE
@@ -31,8 +30,8 @@ from .base import LaunchPlan, ServiceKind, base_env
 
 RUN_FILE = "aifab-run.json"  # written by the trainer when the run is done
 # the first node's port of a multi-node run's rendezvous: one of these, at random, above
-# torch's customary 29500 (the server
-# cannot ask another machine for a free port before the step starts there)
+# torch's customary 29500 (the server cannot ask another machine for a free port before the
+# step starts there)
 RDZV_PORTS = (29510, 490)
 EXIT_INTERRUPTED = 75  # the trainer's "stopped early, checkpoint saved"
 # what a --resume must keep equal (the checkpoint's shapes and the data order)
@@ -94,9 +93,9 @@ def _check_resume_shape(o: FineTuneOptions, out: Path) -> None:
               if '"event": "start"' in line]
     if not starts or "shape" not in starts[-1]:
         return
-    was = starts[-1]["shape"]
-    changed = [f"{k} {was.get(k, 1)!r} -> {getattr(o, k)!r}" for k in RESUME_SHAPE
-               if (k in was or k == "nodes") and was.get(k, 1) != getattr(o, k)]
+    was = {"nodes": 1, **starts[-1]["shape"]}  # (runs before multi-node ones ran on one)
+    changed = [f"{k} {was[k]!r} -> {getattr(o, k)!r}" for k in RESUME_SHAPE
+               if k in was and was[k] != getattr(o, k)]
     if changed:
         raise BadRequest("--resume must keep the run's settings; changed: " + ", ".join(changed))
 
@@ -191,38 +190,18 @@ class FineTuneKind(ServiceKind):
         options = check_options(FineTuneOptions.from_request(body))
         if not isinstance(options.nodes, int) or options.nodes < 1:
             raise BadRequest(f"nodes={options.nodes!r}: 1 or more (of an allocation's nodes)")
-        if not isinstance(options.on, str):
-            raise BadRequest(f"on={options.on!r}: the name of an allocation of this session")
         if options.on:
-            alloc = self._allocation(options.on)
+            alloc = self.allocation(options.on)
             if options.nodes > len(alloc.nodes):
                 raise BadRequest(f"nodes={options.nodes}: allocation {options.on!r} has "
                                  f"{len(alloc.nodes)} node(s) ({', '.join(alloc.nodes)})")
             if options.nodes > 1:  # where the first node's torchrun listens (off the loop here)
-                try:
-                    self._node_addrs[(alloc.job_id, alloc.nodes[0])] = \
-                        steps.node_address(alloc.nodes[0])
-                except slurm.SlurmError as exc:
-                    raise BadRequest(f"on={options.on!r}: Slurm does not say where node "
-                                     f"{alloc.nodes[0]} is: {exc}") from None
+                self._node_addrs[(alloc.job_id, alloc.nodes[0])] = \
+                    steps.first_node_address(alloc, options.on)
         elif options.nodes > 1:
             raise BadRequest(f"nodes={options.nodes}: a run on several nodes runs in an "
                              "allocation of that many nodes: add on=ALLOCATION (%alloc)")
         return options
-
-    # ------------------------------------------------------------ --on an allocation
-    def _allocation(self, name: str):
-        return steps.running_allocation(self.ctx.allocations, name)
-
-    def gpu_pool(self, request: FineTuneOptions) -> tuple[str, ...]:
-        if not request.on:
-            return super().gpu_pool(request)
-        return steps.allocation_gpus(self._allocation(request.on))
-
-    def default_gpus(self, request: FineTuneOptions):
-        if request.gpus is not None:
-            return request.gpus
-        return 1 if self.gpu_pool(request) else 0
 
     def plan(self, request: FineTuneOptions, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:
@@ -230,7 +209,7 @@ class FineTuneKind(ServiceKind):
         env = base_env(self.ctx.environ, gpus)
         slurm_step = ""
         if request.on:
-            alloc = self._allocation(request.on)
+            alloc = self.allocation(request.on)
             # the step gets all of the allocation's GPUs; the trainer keeps the ledger's share
             step = steps.step_name("run", name)
             # several nodes: one torchrun on each, meeting at the first node's address

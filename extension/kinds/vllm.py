@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from aifab import slurm
 from aifab.api import BadRequest
 from aifab.models import cached_models, offline_refusal
 from aifab.models import resolve as resolve_model
@@ -47,7 +46,7 @@ PHASES: list[tuple[str, re.Pattern]] = [
 RESERVED_FLAGS = {"--host", "--port", "--uds", "--api-key", "--model", "--served-model-name",
                   "--allowed-origins", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs",
                   "--ssl-cert-reqs"}
-ENDPOINT_FILE = "endpoint.json"  # a step's host and port, written on the node
+ENDPOINT_FILE = "endpoint.json"  # the port a step picked, written on the node
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -170,6 +169,8 @@ class VllmKind(ServiceKind):
     fields = ("model", "served_name", "tensor_parallel", "max_model_len",
               "gpu_memory_utilization", "loras", "extra_args", "on")
     _flags: set[str] | None = None
+    one_node_only = ("serving across nodes (vLLM's Ray backend) is not supported by this "
+                     "installation: allocate one node, and tensor parallelism over its GPUs")
 
     def validate(self, spec: Mapping) -> VllmRequest:
         self.check_fields(spec)
@@ -230,20 +231,9 @@ class VllmKind(ServiceKind):
         if not isinstance(on, str):
             raise BadRequest(f"on={on!r}: the name of an allocation of this session")
         if on:
-            alloc = self._allocation(on)
-            try:
-                request.node_addr = steps.node_address(alloc.nodes[0])
-            except slurm.SlurmError as exc:
-                raise BadRequest(f"on={on!r}: Slurm does not say where node "
-                                 f"{alloc.nodes[0]} is: {exc}") from None
+            request.node_addr = steps.first_node_address(self.allocation(on), on)
             request.on, request.tls_files = on, tls.make_service_tls(request.node_addr)
         return request
-
-    def _allocation(self, name: str):
-        return steps.running_allocation(
-            self.ctx.allocations, name,
-            one_node="serving across nodes (vLLM's Ray backend) is not supported by this "
-                     "installation: allocate one node, and tensor parallelism over its GPUs")
 
     def is_slow(self, spec: Mapping) -> bool:
         # the first check of extra flags runs vLLM's --help; --on asks Slurm where the node
@@ -295,16 +285,6 @@ class VllmKind(ServiceKind):
         self._flags = flags
         return flags
 
-    def gpu_pool(self, request: VllmRequest) -> tuple[str, ...]:
-        if not request.on:
-            return super().gpu_pool(request)
-        return steps.allocation_gpus(self._allocation(request.on))
-
-    def default_gpus(self, request: VllmRequest):
-        if request.gpus is not None:
-            return request.gpus
-        return 1 if self.gpu_pool(request) else 0
-
     def plan(self, request: VllmRequest, *, name: str, gpus: list[str], service_dir: Path,
              api_key: str) -> LaunchPlan:
         tp = request.tensor_parallel
@@ -332,7 +312,7 @@ class VllmKind(ServiceKind):
                  service_dir: Path, api_key: str) -> LaunchPlan:
         """A step of the allocation: node_endpoint picks the port on the node and runs vLLM
         there with TLS that demands the proxy's client certificate."""
-        alloc = self._allocation(request.on)
+        alloc = self.allocation(request.on)
         certs = tls.write_service_tls(service_dir, request.tls_files)
         cpu = not gpus
         argv = vllm_argv(self.ctx.python, request.model, served_name=request.served_name,
