@@ -12,12 +12,12 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CHP_VERSION := 4.6.3
-EXTRAS ?= tiny,test,serve-cpu,finetune
+EXTRAS ?= tiny,test,serve-cpu,finetune,gateway
 STAMP := $(VENV)/.deps-stamp
 CHECK_STAMP := $(VENV)/.check-stamp
 PKG_STAMP := $(VENV)/.package-stamp
 # what the installed package is built from: a change reinstalls it, nothing else does
-PACKAGE_SOURCES := pyproject.toml $(shell find src spawners extension magics kernels \
+PACKAGE_SOURCES := pyproject.toml $(shell find src spawners extension magics kernels gateway \
 	jupyter-config -type f \( -name '*.py' -o -name '*.html' -o -name '*.json' \) 2>/dev/null)
 # the prebuilt JupyterLab extension the wheel ships (built by `make labextension`)
 PACKAGE_SOURCES += $(shell find labextension/prebuilt -type f 2>/dev/null) labextension/install.json

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from aifab.gateway import add_models_service
 from aifab.spawners import use_placement_spawner
 from aifab.spawners.discover import discover_slurm_profiles
 
@@ -80,6 +81,24 @@ c.Spawner.environment = {
     # the demo's Slurm is this machine: dask workers reach the scheduler on loopback
     "AIFAB_DASK_INTERFACE": "lo",
 }
+# Published models (%serve --share, aifab.client()): the hub's aifab-models gateway. In the
+# demo everyone who logs in is in the group "class", and the class may use the models that the
+# user "instructor" publishes (tutorial 6; docs/workshop.md has a class's real roles).
+add_models_service(c, state_dir=str(STATE / "aifab-models"),
+                   port=int(os.environ.get("AIFAB_DEMO_MODELS_PORT", PORT + 182)),
+                   limits={"default": {"concurrency": 8, "tokens_per_minute": 100_000}})
+c.Authenticator.manage_groups = True
+
+
+def join_the_class(authenticator, handler, auth_model):
+    auth_model["groups"] = ["class"]
+    return auth_model
+
+
+c.Authenticator.post_auth_hook = join_the_class
+c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, {
+    "name": "class-uses-instructor", "groups": ["class"],
+    "scopes": ["custom:aifab-models:use!user=instructor"]}]
 c.LocalSessionSpawner.home_dir_template = str(STATE / "users" / "{username}")
 TUTORIALS = HERE.parent / "docs" / "notebooks"
 

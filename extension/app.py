@@ -96,11 +96,11 @@ class AifabExtension(ExtensionApp):
         self._sweep_dask_jobs(everything=False)
 
     def initialize_handlers(self):
-        from . import allocation_handlers, dask_panel
+        from . import allocation_handlers, dask_panel, publishing
         from .handlers import handlers
 
         self.handlers.extend(handlers() + allocation_handlers.handlers()
-                             + dask_panel.handlers())
+                             + dask_panel.handlers() + publishing.handlers())
 
     async def _start_jupyter_server_extension(self, serverapp):
         # the monitor runs on the server's event loop, which exists by now
@@ -161,9 +161,28 @@ class AifabExtension(ExtensionApp):
         if cancelled:
             self.log.info("aifab: cancelled dask worker jobs %s", ", ".join(cancelled))
 
+    async def _withdraw_published(self) -> None:
+        """The session ends: its publications leave the models gateway (a gateway that does
+        not answer in 10 s finds them unhealthy through its router's checks instead)."""
+        from .publishing import withdraw
+
+        published = [s for s in self.manager.services.values() if s.published]
+        if not published:
+            return
+        try:
+            done = await asyncio.wait_for(asyncio.gather(
+                *(withdraw(s) for s in published), return_exceptions=True), 10)
+        except asyncio.TimeoutError:
+            self.log.warning("aifab: the models gateway did not answer the withdrawals")
+            return
+        for result in done:
+            if isinstance(result, Exception):
+                self.log.warning("aifab: withdrawing a published model failed: %s", result)
+
     async def stop_extension(self):
         self.log.info("aifab: server stopping; stopping the session's services")
         self.activity.stop()
+        await self._withdraw_published()
         # runs in an allocation first, so that they checkpoint before its job is cancelled
         # (Slurm would give them only its KillWait); then the rest and the allocations
         # together: a grace period may end this server before the services' stops are done

@@ -121,6 +121,14 @@ class ServiceHandler(_Base):
             svc = await self.manager.stop(name)
         except ApiError as exc:
             self.fail(exc)
+        if svc.published:  # a stopped service leaves the models gateway
+            from .publishing import withdraw
+
+            try:
+                await withdraw(svc)
+            except web.HTTPError as exc:
+                self.log.warning("aifab: %s stopped, but withdrawing it failed: %s", name,
+                                 exc.log_message)
         self.finish(json.dumps(svc.public()))
 
 

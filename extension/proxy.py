@@ -38,7 +38,8 @@ from jupyter_server_proxy.handlers import ProxyHandler
 from jupyter_server_proxy.unixsock import UnixResolver
 from tornado import httpclient, web
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
-from tornado.tcpclient import TCPClient
+
+from aifab.closable_http import OneRequestClient
 
 from . import tls
 
@@ -104,37 +105,6 @@ def forget(svc) -> None:
 JUPYTER_QUERY_CREDENTIALS = frozenset({"token", "_xsrf"})
 
 
-class _Connections(TCPClient):
-    """A TCPClient that keeps the connections it opened, so that ``close_all`` can end them."""
-
-    def __init__(self, resolver):
-        super().__init__(resolver=resolver)
-        self.streams: list = []
-        self.closed = False
-
-    async def connect(self, *args, **kwargs):
-        stream = await super().connect(*args, **kwargs)
-        if self.closed:  # the client left while we connected
-            stream.close()
-        self.streams.append(stream)
-        return stream
-
-    def close_all(self) -> None:
-        self.closed = True
-        for stream in self.streams:
-            stream.close()
-
-
-class _OneRequestClient(SimpleAsyncHTTPClient):
-    """The client of one proxied request (tornado's simple client opens a connection per
-    request anyway): its ``connections`` can be closed when the proxy's own client leaves."""
-
-    def initialize(self, **kwargs) -> None:
-        super().initialize(**kwargs)
-        self.tcp_client.close()
-        self.tcp_client = self.connections = _Connections(self.resolver)
-
-
 # ------------------------------------------------------------------------ the proxy
 
 # request headers not passed on: Jupyter's credentials stay here (the service gets its key
@@ -158,7 +128,7 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
     stopped service is refused before the handshake."""
 
     svc = None
-    _upstream: _OneRequestClient | None = None
+    _upstream: OneRequestClient | None = None
     _client_left = False
 
     # --- authentication and the service
@@ -276,7 +246,7 @@ class ServiceProxyHandler(ProxyHandler, APIHandler):
         jsp's client for this request is not used: ours remembers its connection, so that
         ``on_connection_close`` can close it."""
         client.close()
-        self._upstream = _OneRequestClient(
+        self._upstream = OneRequestClient(
             force_instance=True,
             resolver=UnixResolver(socket_path=self.unix_socket) if self.unix_socket else None)
         seen: set[str] = set()

@@ -36,6 +36,9 @@ class Service:
     slurm_step: str = ""  # "JOB|STEP NAME" when it runs as a step of an allocation
     host: str = ""  # where it listens, when not on this machine's loopback (a node's address)
     tls: str = ""  # its TLS folder (the proxy's client certificate), for a service on a node
+    # published to the hub's aifab-models gateway: {"id", "groups", "key"} (the key is what
+    # the gateway sends to /aifab/published/NAME; never shown)
+    published: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     exit_code: int | None = None
@@ -53,6 +56,7 @@ class Service:
         and flags a user did not choose to share; its program is enough)."""
         d = asdict(self)
         d.pop("api_key")
+        d["published"] = {k: v for k, v in self.published.items() if k != "key"}
         d["status"] = self.status.value
         d["argv"] = d["argv"][:1]
         d["uptime"] = round(time.time() - self.started_at, 1)

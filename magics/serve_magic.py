@@ -12,8 +12,9 @@ from .parsing import MagicArgumentParser
 
 USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
        [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--on ALLOCATION] [--wait]
-       [-- extra vllm args]
-%serve list [--all] | %serve stop NAME | %serve logs NAME [-n 50]"""
+       [--share GROUP[,GROUP]] [-- extra vllm args]
+%serve list [--all] | %serve stop NAME | %serve logs NAME [-n 50]
+%serve share NAME GROUP[,GROUP] | %serve unshare NAME"""
 
 
 def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
@@ -28,10 +29,12 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
         words, extra = words[:i], words[i + 1:]
     if not words:
         raise UsageError(f"usage: {USAGE}")
-    if words[0] in ("list", "stop", "logs"):
+    if words[0] in ("list", "stop", "logs", "share", "unshare"):
         p = MagicArgumentParser(prog=f"%serve {words[0]}", usage_text=USAGE)
         if words[0] != "list":
             p.add_argument("name")
+        if words[0] == "share":
+            p.add_argument("groups", type=_groups)
         else:
             p.add_argument("--all", action="store_true", help="ended servers too")
         if words[0] == "logs":
@@ -47,6 +50,7 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
     p.add_argument("--lora", action="append", default=[])
     p.add_argument("--wait", action="store_true")
     p.add_argument("--on")
+    p.add_argument("--share", type=_groups, default=[])
     opts = p.parse_args(words)
     loras = {}
     for item in opts.lora:
@@ -82,6 +86,13 @@ def list_lines(services: list[dict], show_all: bool = False) -> list[str]:
 
 
 @magics_class
+def _groups(value: str) -> list[str]:
+    groups = [g for g in value.split(",") if g]
+    if not groups:
+        raise argparse.ArgumentTypeError("GROUP[,GROUP]: one hub group or more")
+    return groups
+
+
 class ServeMagics(Magics):
     @line_magic
     def serve(self, line: str):
@@ -100,6 +111,15 @@ class ServeMagics(Magics):
             if command == "logs":
                 print("\n".join(SessionClient().logs(opts.name, opts.n)))
                 return None
+            if command == "share":
+                record = Served(opts.name).publish(opts.groups)
+                print(f"published {record['id']} to {', '.join(record['groups'])}: "
+                      f"{record['url']}")
+                return None
+            if command == "unshare":
+                Served(opts.name).unpublish()
+                print(f"{opts.name} is no longer published")
+                return None
             gpus = opts.gpus
             if gpus is not None and gpus.isdigit():
                 gpus = int(gpus)
@@ -107,7 +127,7 @@ class ServeMagics(Magics):
                 opts.model, name=opts.name, gpus=gpus, tensor_parallel=opts.tp,
                 max_model_len=opts.max_model_len,
                 gpu_memory_utilization=opts.gpu_memory_utilization, loras=opts.loras,
-                extra_args=extra, on=opts.on)
+                extra_args=extra, on=opts.on, share=opts.share)
         except ServiceRequestError as exc:
             raise UsageError(str(exc)) from None
         from .serve_widget import ServeWidget

@@ -28,6 +28,20 @@ class Served(ServiceHandle):
         self._client.wait(self.name, timeout)
         return self
 
+    def publish(self, groups: Sequence[str]) -> dict:
+        """Publish this model to the hub's models gateway for ``groups`` (hub groups whom a
+        hub role lets use your models): they call it as ``OWNER/NAME`` with
+        ``aifab.client()``. It lives as long as this session's service."""
+        record = self._client.request("POST", f"aifab/api/services/{self.name}/publish",
+                                      json={"groups": list(groups)})
+        self.published = record
+        return record
+
+    def unpublish(self) -> None:
+        """Take it off the gateway (it keeps serving this session)."""
+        self._client.request("DELETE", f"aifab/api/services/{self.name}/publish")
+        self.published = None
+
     def client(self):
         """An ``openai.OpenAI`` client for this server."""
         from openai import OpenAI
@@ -50,11 +64,13 @@ def serve(
     wait: bool = False,
     timeout: float = 900,
     on: str | None = None,
+    share: Sequence[str] = (),
 ) -> Served:
     """Start vLLM on ``gpus`` of this session's GPUs (None: CPU if the session has none,
     else 1) and return a handle; ``on=ALLOC``: on that allocation's node and GPUs instead,
-    as a step of it. Refused before launch: a missing model directory, an unknown vLLM
-    flag, a name in use, GPUs held by another service, an allocation that is not running."""
+    as a step of it. ``share=["class"]``: publish it to those hub groups (``publish``).
+    Refused before launch: a missing model directory, an unknown vLLM flag, a name in use,
+    GPUs held by another service, an allocation that is not running."""
     from aifab.models import resolve
 
     model = resolve(model)  # a name in the site's shared model cache, if there is one
@@ -68,6 +84,12 @@ def serve(
             "extra_args": list(extra_args), **({"on": on} if on else {})}
     svc = client.create(spec)
     served = Served(svc["name"], client)
+    if share:
+        try:
+            served.publish(share)
+        except Exception:
+            client.stop(served.name)  # nothing half-started: a refused share ends the server
+            raise
     return served.wait_ready(timeout) if wait else served
 
 

@@ -25,6 +25,8 @@ _NOTEBOOK_API = {
     "cluster": ("aifab.magics.dask_cluster", "cluster"),
     "allocate": ("aifab.magics.allocating", "allocate"),
     "allocations": ("aifab.magics.allocating", "allocations"),
+    "models": ("aifab.magics.models", "models"),
+    "client": ("aifab.magics.models", "client"),
     "data": ("aifab.magics.data", None),
     "examples": ("aifab.magics.examples", None),
 }

@@ -29,3 +29,8 @@ def check_service_name(name) -> str:
     if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
         raise ValueError(f"name {name!r}: {SERVICE_NAME_RULE}")
     return name
+
+# A JupyterHub group name as aifab accepts it (the hub allows more; these also travel in
+# JSON, logs and the gateway's registry).
+HUB_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+HUB_GROUP_RULE = "a hub group name (letters, digits and . _ @ + -, at most 64)"

@@ -57,7 +57,8 @@ class Hub:
         self.proxy_api_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_hex(16)
-        self.env = dict(env or {})
+        # the demo config's models gateway listens here (a port of its own per hub)
+        self.env = {"AIFAB_DEMO_MODELS_PORT": str(free_port()), **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root / "hub.log"
 
@@ -78,9 +79,13 @@ class Hub:
             f"c.JupyterHub.db_url = 'sqlite:///{self.root / 'jupyterhub.sqlite'}'",
             f"c.JupyterHub.cookie_secret_file = {str(self.root / 'cookie_secret')!r}",
             f"c.JupyterHub.pid_file = {str(self.root / 'hub.pid')!r}",
-            "c.JupyterHub.services = [{'name': 'aifab-test', 'api_token': "
+            # added to what the config under test has (the demo's models gateway, its roles)
+            "_services = c.JupyterHub.services if 'services' in c.JupyterHub else []",
+            "_roles = c.JupyterHub.load_roles if 'load_roles' in c.JupyterHub else []",
+            "c.JupyterHub.services = _services + [{'name': 'aifab-test', 'api_token': "
             f"{self.token!r}}}]",
-            "c.JupyterHub.load_roles = [{'name': 'aifab-test', 'services': ['aifab-test'], "
+            "c.JupyterHub.load_roles = _roles + [{'name': 'aifab-test', "
+            "'services': ['aifab-test'], "
             "'scopes': ['admin:users', 'admin:servers', 'admin:groups', 'access:servers', "
             "'read:users', 'list:users', 'read:users:activity', 'tokens', 'read:metrics']}]",
             self.extra_config,

@@ -1,0 +1,193 @@
+"""The ``aifab-models`` hub service: the gateway process (``python -m aifab.gateway``).
+
+JupyterHub starts it (a managed service: ``aifab.gateway.add_models_service`` writes the hub
+config) and restarts it with the hub; it finds its registry again in its state folder and
+starts a router for every publication. Settings come from the environment the hub config
+gives it (``AIFAB_MODELS_*``, listed in ``Settings``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+from jupyterhub.services.auth import HubOAuth
+from jupyterhub.utils import url_path_join
+from tornado import httpclient, web
+from tornado.httpserver import HTTPServer
+
+from .handlers import handlers
+from .hub_config import SCOPE_PUBLISH, SCOPE_USE
+from .limits import Limiter, parse_limits
+from .registry import Publication, Registry
+from .routers import Router
+from .usage import UsageLog
+
+log = logging.getLogger("aifab.gateway")
+
+
+@dataclass
+class Settings:
+    state_dir: Path  # AIFAB_MODELS_STATE: registry.json, usage.jsonl, router logs
+    proxy_url: str  # AIFAB_MODELS_PROXY_URL: where the hub's proxy answers, from here
+    auth_cache_seconds: int = 60  # AIFAB_MODELS_AUTH_CACHE: token and group lookups
+    max_body: int = 256 * 1024  # AIFAB_MODELS_MAX_BODY: bytes of one request
+    limits: str = "{}"  # AIFAB_MODELS_LIMITS: JSON, see aifab.gateway.limits
+    health_interval: int = 2  # AIFAB_MODELS_HEALTH_INTERVAL: the routers' health checks
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> Settings:
+        public = env.get("JUPYTERHUB_PUBLIC_HUB_URL", "")
+        origin = (f"{urlparse(public).scheme}://{urlparse(public).netloc}" if public
+                  else "http://127.0.0.1:8000")
+        if "AIFAB_MODELS_STATE" not in env:
+            raise SystemExit("aifab-models: AIFAB_MODELS_STATE (the state folder) is not set")
+        return cls(state_dir=Path(env["AIFAB_MODELS_STATE"]),
+                   proxy_url=env.get("AIFAB_MODELS_PROXY_URL", origin).rstrip("/"),
+                   auth_cache_seconds=int(env.get("AIFAB_MODELS_AUTH_CACHE", "60")),
+                   max_body=int(env.get("AIFAB_MODELS_MAX_BODY", str(256 * 1024))),
+                   limits=env.get("AIFAB_MODELS_LIMITS", "{}"),
+                   health_interval=int(env.get("AIFAB_MODELS_HEALTH_INTERVAL", "2")))
+
+
+class Gateway:
+    """The gateway's state: registry, routers, limits, usage log, and the hub lookups."""
+
+    def __init__(self, settings: Settings, hub_auth: HubOAuth, hub_base_url: str = "/"):
+        self.settings = settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.registry = Registry(settings.state_dir)
+        self.usage = UsageLog(settings.state_dir)
+        self.limiter = Limiter(*parse_limits(json.loads(settings.limits)))
+        self.max_body = settings.max_body
+        self.hub_auth = hub_auth
+        self.hub_base_url = hub_base_url
+        self.routers: dict[str, Router] = {}
+        self._groups: dict[str, tuple[float, list[str]]] = {}
+        self._http = httpclient.AsyncHTTPClient()
+
+    # --- who may use what
+
+    async def groups_of(self, user: dict) -> list[str]:
+        """The hub groups of a calling user, asked of the hub with the gateway's own token
+        (``read:users:groups``), kept as long as the hub's answers on tokens are."""
+        if user.get("kind") != "user":
+            return []
+        name = user["name"]
+        now = asyncio.get_running_loop().time()
+        hit = self._groups.get(name)
+        if hit and hit[0] > now:
+            return hit[1]
+        r = await self._http.fetch(
+            url_path_join(self.hub_auth.api_url, "users", quote(name, safe="")),
+            headers={"Authorization": f"token {self.hub_auth.api_token}"}, request_timeout=10)
+        groups = json.loads(r.body).get("groups", [])
+        self._groups[name] = (now + self.settings.auth_cache_seconds, groups)
+        return groups
+
+    def may_use(self, user: dict, groups: list[str], pub: Publication) -> bool:
+        """The owner, or a caller whom a hub role lets use the owner's models and whom the
+        owner shared this one with (one of its groups)."""
+        check = self.hub_auth.check_scopes
+        if user.get("kind") == "user" and user["name"] == pub.owner:
+            return bool(check(f"{SCOPE_PUBLISH}!user={pub.owner}", user)
+                        or check(f"{SCOPE_USE}!user={pub.owner}", user))
+        return bool(check(f"{SCOPE_USE}!user={pub.owner}", user)
+                    and set(groups) & set(pub.groups))
+
+    # --- publications
+
+    def replica_url(self, owner: str, server: str, name: str) -> str:
+        """The published route of ``name`` on the owner's server, through the hub's proxy."""
+        path = url_path_join(self.hub_base_url, "user", quote(owner, safe=""),
+                             quote(server, safe=""), "aifab", "published", name)
+        return self.settings.proxy_url + path
+
+    async def publish(self, pub: Publication) -> None:
+        """Route it, then record it: a router that does not start leaves nothing behind."""
+        await self._route(pub)
+        self.registry.put(pub)
+
+    async def withdraw(self, model_id: str) -> None:
+        self.registry.remove(model_id)
+        router = self.routers.pop(model_id, None)
+        if router is not None:
+            await router.stop()
+
+    async def _route(self, pub: Publication) -> None:
+        router = self.routers.get(pub.id)
+        if router is None or not router.running():
+            router = Router(pub.id, self.settings.state_dir, self.settings.health_interval)
+            await router.start()
+            self.routers[pub.id] = router
+        router.set_workers(pub.upstreams)
+
+    async def health(self, pub: Publication) -> dict[str, bool]:
+        router = self.routers.get(pub.id)
+        return await router.health() if router else {}
+
+    async def start(self) -> None:
+        """Routers for what the registry holds (a restarted gateway), then a watch that
+        restarts a router that died."""
+        for pub in list(self.registry.models.values()):
+            try:
+                await self._route(pub)
+            except RuntimeError as exc:
+                log.error("aifab-models: %s", exc)
+        self._watch = asyncio.ensure_future(self._keep_routers())
+
+    async def _keep_routers(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            for pub in list(self.registry.models.values()):
+                router = self.routers.get(pub.id)
+                if router is not None and not router.running():
+                    log.warning("aifab-models: the router of %s exited; starting it again",
+                                pub.id)
+                    self.routers.pop(pub.id, None)
+                    try:
+                        await self._route(pub)
+                    except RuntimeError as exc:
+                        log.error("aifab-models: %s", exc)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.routers.values()))
+        self.usage.close()
+
+
+def make_app(gateway: Gateway, prefix: str, hub_auth: HubOAuth) -> web.Application:
+    return web.Application(handlers(prefix), aifab_gateway=gateway, hub_auth=hub_auth,
+                           cookie_secret=os.urandom(32))
+
+
+async def serve() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s "
+                                                   "aifab-models] %(message)s")
+    settings = Settings.from_env()
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/aifab-models/")
+    hub_auth = HubOAuth(cache_max_age=settings.auth_cache_seconds)
+    gateway = Gateway(settings, hub_auth, os.environ.get("JUPYTERHUB_BASE_URL", "/"))
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8182"))
+    server = HTTPServer(make_app(gateway, prefix, hub_auth), xheaders=True,
+                        max_body_size=4 * settings.max_body + 65536)
+    server.listen(url.port or 80, url.hostname or "127.0.0.1")
+    await gateway.start()
+    log.info("aifab-models: serving %s at %s (%d published models)", prefix, url.geturl(),
+             len(gateway.registry.models))
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    server.stop()
+    await gateway.stop()
+
+
+def main() -> None:
+    asyncio.run(serve())
