@@ -2,11 +2,12 @@
 (every import, at module level or inside a function).
 
 Rooms: hub (aifab.spawners), session (aifab.extension), notebook (aifab.magics), kernels
-(aifab.kernels), and the root (aifab.*: the contract and the shared small types). Forbidden:
-hub ↛ notebook, hub ↛ session, session ↛ notebook, notebook ↛ hub, session ↛ hub,
-root ↛ any room. The front doors — ``aifab/__init__.py`` (re-exports the notebook API for
-users) and the command line (``aifab.cli``, ``aifab.config_reference``) — may reach every
-room; that is their job.
+(aifab.kernels), the models gateway (aifab.gateway, a hub service of its own) and the root
+(aifab.*: the contract and the shared small types). Forbidden: hub ↛ notebook, hub ↛ session,
+session ↛ notebook, notebook ↛ hub, session ↛ hub, the gateway ↛ any other room and no room
+↛ the gateway (they talk over HTTP only), root ↛ any room. The front doors —
+``aifab/__init__.py`` (re-exports the notebook API for users) and the command line
+(``aifab.cli``, ``aifab.config_reference``) — may reach every room; that is their job.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import aifab
 
-ROOMS = {"spawners": "hub", "extension": "session", "magics": "notebook", "kernels": "kernels"}
+ROOMS = {"spawners": "hub", "extension": "session", "magics": "notebook", "kernels": "kernels",
+         "gateway": "gateway"}
 FORBIDDEN = {("hub", "notebook"), ("hub", "session"), ("session", "notebook"),
-             ("notebook", "hub"), ("session", "hub")}
+             ("notebook", "hub"), ("session", "hub")} | {
+    pair for room in ("hub", "session", "notebook", "kernels")
+    for pair in (("gateway", room), (room, "gateway"))}
 FRONT_DOORS = {"aifab", "aifab.cli", "aifab.config_reference"}
 
 
@@ -104,6 +108,8 @@ def test_a_planted_import_is_caught_for_each_forbidden_arrow(tmp_path):
         "magics/parsing.py": "aifab.spawners.profiles",        # notebook -> hub
         "extension/records.py": "aifab.spawners.options",      # session -> hub
         "session.py": "aifab.extension.services",              # root -> a room
+        "gateway/limits.py": "aifab.extension.services",       # gateway -> session
+        "extension/publishing.py": "aifab.gateway.registry",   # session -> gateway
     }
     for file, target in plants.items():
         planted = copy / file
