@@ -12,7 +12,6 @@ withdraws it too. A publication lives and dies with the session.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import secrets
@@ -20,7 +19,7 @@ import secrets
 from jupyter_server.auth.decorator import allow_unauthenticated
 from tornado import httpclient, web
 
-from aifab import hub_urls
+from aifab import hub_urls, signing
 from aifab.api import ApiError
 from aifab.names import HUB_GROUP, HUB_GROUP_RULE, SERVICE_NAME_ROUTE
 
@@ -84,7 +83,8 @@ class PublishHandler(_Base):
             self.fail(exc)
         body = self.json_body()
         groups = body.get("groups") if isinstance(body, dict) else None
-        if set(body) - {"groups"} or not isinstance(groups, list) or not groups or not all(
+        if not isinstance(body, dict) or set(body) - {"groups"} or not isinstance(
+                groups, list) or not groups or not all(
                 isinstance(g, str) and HUB_GROUP.fullmatch(g) for g in groups):
             raise web.HTTPError(400, f"publish takes {{\"groups\": [...]}}: each "
                                      f"{HUB_GROUP_RULE}")
@@ -115,23 +115,34 @@ class PublishHandler(_Base):
 
 class PublishedRouteHandler(ServiceProxyHandler):
     """/aifab/published/NAME/ROUTE → the service, for the gateway only: instead of Jupyter's
-    login, the publication's key (``Authorization: Bearer``), compared in constant time.
-    ``health`` needs no key: vLLM's /health says only whether it is up, and the router checks
-    it without credentials."""
+    login, a signature made with the publication's key (``aifab.gateway.signing``: the time
+    and the route, valid for a minute), checked in constant time. The key itself never
+    travels: the router in between has no credentials of its own, and a request it passes on
+    is good for its route for a minute only.
+
+    ``health`` needs no signature (vLLM's /health says only whether it is up, and the router
+    checks it without credentials) and, unlike a call, does not count as the session's
+    activity: the router's checks every few seconds must not keep an idle session alive."""
 
     async def prepare(self) -> None:
         self.current_user = self._jupyter_current_user = None  # nobody of Jupyter's
         name, path = self.path_kwargs["name"], self.path_kwargs["path"]
         svc = self.settings["aifab_services"].services.get(name)
-        key = (svc.published.get("key", "") if svc is not None else "").encode()
+        key = svc.published.get("key", "") if svc is not None else ""
         if not key:
             raise web.HTTPError(404, f"{name!r} is not published")
-        if path != "health":
-            given = self.request.headers.get("Authorization", "")
-            if not given.startswith("Bearer ") or not hmac.compare_digest(
-                    given[len("Bearer "):].encode(), key):
-                raise web.HTTPError(401, "this route answers the models gateway only")
+        if path != "health" and not signing.verify(
+                key, "/" + path, self.request.headers.get("Authorization", "")):
+            raise web.HTTPError(401, "this route answers the models gateway only")
         self.svc = self._service(name)
+
+    def _record_activity(self):
+        if self.path_kwargs.get("path") != "health":
+            super()._record_activity()
+
+    def _done(self) -> None:
+        if self.path_kwargs.get("path") != "health":
+            super()._done()
 
     def check_xsrf_cookie(self):
         return  # no cookie is read here: the key is the credential

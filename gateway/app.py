@@ -69,6 +69,8 @@ class Gateway:
         self.hub_auth = hub_auth
         self.hub_base_url = hub_base_url
         self.routers: dict[str, Router] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watch: asyncio.Future | None = None
         self._groups: dict[str, tuple[float, list[str]]] = {}
         self._http = httpclient.AsyncHTTPClient()
 
@@ -121,12 +123,32 @@ class Gateway:
             await router.stop()
 
     async def _route(self, pub: Publication) -> None:
-        router = self.routers.get(pub.id)
-        if router is None or not router.running():
-            router = Router(pub.id, self.settings.state_dir, self.settings.health_interval)
-            await router.start()
-            self.routers[pub.id] = router
-        router.set_workers(pub.upstreams)
+        # one router per model, even when a publish and the watch come at once
+        async with self._locks.setdefault(pub.id, asyncio.Lock()):
+            router = self.routers.get(pub.id)
+            if router is None or not router.running():
+                router = Router(pub.id, self.settings.state_dir, self.settings.health_interval)
+                await router.start()
+                self.routers[pub.id] = router
+                self._save_pids()
+            router.set_workers(pub.upstreams)
+
+    def _save_pids(self) -> None:
+        """The routers' processes, for a gateway that starts after this one was killed."""
+        (self.settings.state_dir / "routers.json").write_text(json.dumps(
+            [[r.proc.pid, r.started] for r in self.routers.values() if r.proc]))
+
+    async def _stop_leftover_routers(self) -> None:
+        """Routers a killed gateway left (they run in sessions of their own)."""
+        try:
+            pids = json.loads((self.settings.state_dir / "routers.json").read_text())
+        except (OSError, ValueError):
+            return
+        from aifab import supervisor
+
+        for pid, started in pids:
+            if supervisor.is_same(pid, started):
+                await supervisor.stop_tree(pid, started, grace=5)
 
     async def health(self, pub: Publication) -> dict[str, bool]:
         router = self.routers.get(pub.id)
@@ -135,6 +157,7 @@ class Gateway:
     async def start(self) -> None:
         """Routers for what the registry holds (a restarted gateway), then a watch that
         restarts a router that died."""
+        await self._stop_leftover_routers()
         for pub in list(self.registry.models.values()):
             try:
                 await self._route(pub)
@@ -143,20 +166,26 @@ class Gateway:
         self._watch = asyncio.ensure_future(self._keep_routers())
 
     async def _keep_routers(self) -> None:
+        """Every few seconds: a router that died starts again, a replica that was not yet
+        healthy when it was published is offered again, a worker nobody published goes."""
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(self.settings.health_interval)
             for pub in list(self.registry.models.values()):
                 router = self.routers.get(pub.id)
-                if router is not None and not router.running():
-                    log.warning("aifab-models: the router of %s exited; starting it again",
-                                pub.id)
-                    self.routers.pop(pub.id, None)
-                    try:
+                try:
+                    if router is None or not router.running():
+                        log.warning("aifab-models: the router of %s is not running; starting "
+                                    "it", pub.id)
                         await self._route(pub)
-                    except RuntimeError as exc:
-                        log.error("aifab-models: %s", exc)
+                    else:
+                        router.set_workers(pub.upstreams)
+                        await router.sweep(pub.upstreams)
+                except Exception as exc:  # the watch goes on whatever one model does
+                    log.error("aifab-models: %s: %s", pub.id, exc)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await asyncio.gather(*(r.stop() for r in self.routers.values()))
         self.usage.close()
 
@@ -171,7 +200,8 @@ async def serve() -> None:
                                                    "aifab-models] %(message)s")
     settings = Settings.from_env()
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/aifab-models/")
-    hub_auth = HubOAuth(cache_max_age=settings.auth_cache_seconds)
+    # (no ?token= in URLs: it would end up in access logs)
+    hub_auth = HubOAuth(cache_max_age=settings.auth_cache_seconds, allow_token_in_url=False)
     gateway = Gateway(settings, hub_auth, os.environ.get("JUPYTERHUB_BASE_URL", "/"))
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8182"))
     server = HTTPServer(make_app(gateway, prefix, hub_auth), xheaders=True,

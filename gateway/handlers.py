@@ -23,12 +23,13 @@ import time
 from jupyterhub.services.auth import HubOAuthenticated
 from tornado import httpclient, web
 
+from aifab import signing
 from aifab.closable_http import OneRequestClient
 from aifab.names import SERVICE_NAME, SERVICE_NAME_RULE
 
 from .hub_config import SCOPE_PUBLISH, SCOPE_USE
 from .limits import LimitError
-from .registry import Publication, check_groups, parse_model_id
+from .registry import OWNER, Publication, check_groups, parse_model_id
 
 SERVED_NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}"
 OPENAI_ROUTES = ("chat/completions", "completions", "embeddings")
@@ -55,20 +56,23 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
     async def prepare(self) -> None:
         model = await self.hub_auth.get_user(self, sync=False)
+        if not model and self.request.method == "GET" and \
+                "text/html" in self.request.headers.get("Accept", ""):
+            # a browser: the hub's login (OAuth), then back here with the hub's cookie
+            self.redirect(HubOAuthenticated.get_login_url(self))
+            return
         if not model:
             raise web.HTTPError(403, "a JupyterHub token is needed (Authorization: Bearer "
                                      "TOKEN, the OpenAI SDK's api_key) or the hub's login")
         model.setdefault("kind", "user")
         if not any(s.split("!", 1)[0] in (SCOPE_USE, SCOPE_PUBLISH)
                    for s in model.get("scopes", [])):
-            raise web.HTTPError(403, f"{model['kind']} {model['name']} holds no "
+            raise web.HTTPError(403, f"{model['kind']} {_esc(model['name'])} holds no "
                                      f"{SCOPE_USE} or {SCOPE_PUBLISH} scope: ask the "
                                      "owner of a model, or the hub's admins, for a role "
                                      "that grants it")
         self._hub_auth_user_cache = model
 
-    def get_login_url(self):
-        raise web.HTTPError(403, "a JupyterHub token is needed")
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -93,10 +97,10 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return body
 
-    def check_xsrf_cookie(self):
-        # token-authenticated calls (the SDKs) carry no cookie to forge; HubOAuth checks the
-        # XSRF token of cookie-authenticated requests itself
-        return
+
+def _esc(text) -> str:
+    """Text for an HTTPError message (tornado %-formats it)."""
+    return str(text).replace("%", "%%")
 
 
 def _error_type(code: int) -> str:
@@ -130,7 +134,7 @@ class CompletionsHandler(BaseHandler):
         try:
             model_id = "/".join(parse_model_id(body.get("model")))
         except ValueError as exc:
-            raise web.HTTPError(400, str(exc).replace("%", "%%")) from None
+            raise web.HTTPError(400, _esc(exc)) from None
         pub = gw.registry.get(model_id)
         if pub is None:
             raise web.HTTPError(404, f"no published model {model_id!r}: GET v1/models lists "
@@ -138,13 +142,15 @@ class CompletionsHandler(BaseHandler):
         user = self.current_user
         groups = await gw.groups_of(user)
         if not gw.may_use(user, groups, pub):
-            raise web.HTTPError(403, f"{user['name']} may not use {model_id}: its owner shares "
-                                     "it with some hub groups, through a hub role")
+            raise web.HTTPError(403, f"{_esc(user['name'])} may not use {model_id}: its owner "
+                                     "shares it with some hub groups, through a hub role")
         router = gw.routers.get(model_id)
         if router is None or not router.running():
             raise web.HTTPError(503, f"{model_id} has no router running: the gateway is "
                                      "starting it, try again")
         stream = bool(body.get("stream"))
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise web.HTTPError(400, "stream_options: an object, e.g. {\"include_usage\": true}")
         asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         body["model"] = pub.served_name
         if stream and not asked_usage:  # the usage log needs the counts of the last chunk
@@ -154,26 +160,32 @@ class CompletionsHandler(BaseHandler):
             gw.limiter.acquire(user["name"], groups)
         except LimitError as exc:
             self._retry_after = exc.retry_after
-            raise web.HTTPError(429, str(exc)) from None
+            raise web.HTTPError(429, _esc(exc)) from None
         started = time.monotonic()
         counts = {"prompt_tokens": 0, "completion_tokens": 0}
+        status = None
         try:
-            await self._forward(router.url + "/v1/" + route, pub, body, stream, asked_usage,
+            await self._forward(router.url, "/v1/" + route, pub, body, stream, asked_usage,
                                 counts)
+        except web.HTTPError as exc:
+            status = exc.status_code
+            raise
         finally:
             tokens = counts["prompt_tokens"] + counts["completion_tokens"]
             gw.limiter.release(user["name"], tokens)
             gw.usage.record(caller=user["name"], model=model_id, stream=stream,
-                            status=499 if self._client_left else self.get_status(),
+                            status=499 if self._client_left else status or self.get_status(),
                             latency_ms=(time.monotonic() - started) * 1000, **counts)
 
-    async def _forward(self, url: str, pub: Publication, body: dict, stream: bool,
-                       asked_usage: bool, counts: dict) -> None:
+    async def _forward(self, router: str, route: str, pub: Publication, body: dict,
+                       stream: bool, asked_usage: bool, counts: dict) -> None:
+        if self._client_left:
+            return
         served = json.dumps(pub.served_name).encode()
         public = json.dumps(pub.id).encode()
         pending = bytearray()
         whole = bytearray()
-        status = {"code": 502}
+        status = {"code": 502, "started": False}
 
         def on_header(line: str) -> None:
             line = line.rstrip("\r\n")
@@ -197,24 +209,26 @@ class CompletionsHandler(BaseHandler):
                 del pending[:end]
                 if self._usage_event(event, counts) and not asked_usage:
                     continue  # the chunk the gateway asked for, not the caller
+                status["started"] = True
                 self.write(event.replace(b'"model":' + served, b'"model":' + public))
                 self.flush()
 
         self._upstream = OneRequestClient(force_instance=True)
         request = httpclient.HTTPRequest(
-            url, method="POST", body=json.dumps(body),
+            router + route, method="POST", body=json.dumps(body),
+            # never the caller's credentials: a signature of this route with the key
             headers={"Content-Type": "application/json", "Accept": "*/*",
-                     "Authorization": f"Bearer {pub.key}"},
-            header_callback=on_header, streaming_callback=on_chunk,
+                     "Authorization": signing.sign(pub.key, route)},
+            header_callback=on_header, streaming_callback=on_chunk, follow_redirects=False,
             connect_timeout=10, request_timeout=3600)
         try:
             await self._upstream.fetch(request, raise_error=False)
         except (OSError, httpclient.HTTPClientError) as exc:
             if self._client_left:
                 return
-            if not whole and not self._write_buffer:
+            if not whole and not status["started"]:
                 raise web.HTTPError(502, f"{pub.id}'s router did not answer: "
-                                         f"{str(exc).replace('%', '%%')}") from None
+                                         f"{_esc(exc)}") from None
         finally:
             self._upstream.close()
             self._upstream = None
@@ -225,10 +239,10 @@ class CompletionsHandler(BaseHandler):
         if whole:
             if status["code"] == 200:
                 try:
-                    counts.update({k: int(v) for k, v in
+                    counts.update({k: int(v or 0) for k, v in
                                    (json.loads(whole).get("usage") or {}).items()
                                    if k in counts})
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, TypeError):
                     pass
             self.write(bytes(whole).replace(b'"model":' + served, b'"model":' + public))
         self.finish()
@@ -242,9 +256,12 @@ class CompletionsHandler(BaseHandler):
             data = json.loads(event.split(b"data:", 1)[1])
         except (ValueError, IndexError):
             return False
-        usage = data.get("usage") or {}
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
+            return False
         for k in counts:
-            counts[k] = int(usage.get(k) or counts[k])
+            if isinstance(usage.get(k), int):
+                counts[k] = usage[k]
         return not data.get("choices")
 
     def on_connection_close(self) -> None:
@@ -260,7 +277,7 @@ class NotAllowedHandler(BaseHandler):
     """Everything else under v1/: vLLM's other routes are not offered here."""
 
     def _refuse(self, path: str) -> None:
-        raise web.HTTPError(404, f"v1/{path} is not offered by this gateway; it serves "
+        raise web.HTTPError(404, f"v1/{_esc(path)} is not offered by this gateway; it serves "
                                  "v1/models, v1/chat/completions, v1/completions and "
                                  "v1/embeddings")
 
@@ -271,7 +288,7 @@ class OutsideHandler(BaseHandler):
     """/tokenize, /metrics, /health, ... of vLLM: not offered, for anyone."""
 
     def _refuse(self, path: str) -> None:
-        raise web.HTTPError(404, f"/{path} is not offered by this gateway; its OpenAI API is "
+        raise web.HTTPError(404, f"/{_esc(path)} is not offered by this gateway; its OpenAI API is "
                                  "under v1/, its own under api/")
 
     get = post = put = delete = patch = _refuse
@@ -291,8 +308,12 @@ class PublishHandler(BaseHandler):
         owner = user["name"]
         if user.get("kind") != "user" or not self.hub_auth.check_scopes(
                 f"{SCOPE_PUBLISH}!user={owner}", user):
-            raise web.HTTPError(403, f"{owner} may not publish models: that needs "
-                                     f"{SCOPE_PUBLISH}!user={owner}")
+            raise web.HTTPError(403, f"{_esc(owner)} may not publish models: that needs "
+                                     f"{SCOPE_PUBLISH}!user={_esc(owner)}")
+        if not OWNER.fullmatch(owner):
+            raise web.HTTPError(400, f"the user name {_esc(owner[:80])!r} cannot own a "
+                                     "published model here (a model id allows letters, "
+                                     "digits and . _ @ + -, at most 64)")
         body = self.json_body()
         unknown = set(body) - {"name", "served_name", "key", "groups", "labels", "server_name"}
         if unknown:
@@ -300,14 +321,15 @@ class PublishHandler(BaseHandler):
                                      "served_name, key, groups, labels, server_name")
         name, served, key = body.get("name"), body.get("served_name"), body.get("key")
         if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
-            raise web.HTTPError(400, f"name {str(name)[:80]!r}: {SERVICE_NAME_RULE}")
+            raise web.HTTPError(400, f"name {_esc(str(name)[:80])!r}: {SERVICE_NAME_RULE}")
         if not isinstance(served, str) or not re.fullmatch(SERVED_NAME_RULE, served):
             raise web.HTTPError(400, "served_name: the model name vLLM answers to")
         if not isinstance(key, str) or not re.fullmatch(rf"[A-Za-z0-9_-]{{{KEY_MIN},128}}", key):
             raise web.HTTPError(400, f"key: {KEY_MIN} to 128 URL-safe characters")
         server = body.get("server_name", "")
         if not isinstance(server, str) or (server and not SERVICE_NAME.fullmatch(server)):
-            raise web.HTTPError(400, f"server_name {str(server)[:80]!r}: '' or a server name")
+            raise web.HTTPError(400, f"server_name {_esc(str(server)[:80])!r}: '' or a server "
+                                     "name")
         labels = body.get("labels") or {}
         if not isinstance(labels, dict) or not all(
                 isinstance(k, str) and re.fullmatch(r"[a-z][a-z0-9_.-]{0,39}", k)
@@ -316,13 +338,13 @@ class PublishHandler(BaseHandler):
         try:
             groups = check_groups(body.get("groups"))
         except ValueError as exc:
-            raise web.HTTPError(400, str(exc).replace("%", "%%")) from None
+            raise web.HTTPError(400, _esc(exc)) from None
         pub = Publication(owner=owner, name=name, served_name=served, key=key, groups=groups,
                           labels=labels, upstreams=[self.gw.replica_url(owner, server, name)])
         try:
             await self.gw.publish(pub)
         except RuntimeError as exc:
-            raise web.HTTPError(503, str(exc).replace("%", "%%")) from None
+            raise web.HTTPError(503, _esc(exc)) from None
         self.set_status(201)
         self.finish(pub.public())
 
@@ -360,8 +382,8 @@ class UsageHandler(BaseHandler):
         wanted = self.get_argument("model", "")
         if wanted:
             if wanted not in mine:
-                raise web.HTTPError(403, f"{user['name']} reads the usage of their own "
-                                         f"models only, not {wanted[:80]!r}")
+                raise web.HTTPError(403, f"{_esc(user['name'])} reads the usage of their own "
+                                         f"models only, not {_esc(wanted[:80])!r}")
             mine = {wanted}
         self.finish({"usage": self.gw.usage.lines_for(mine)})
 

@@ -21,13 +21,15 @@ SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server", SCOPE_USE
                        f"{SCOPE_PUBLISH}!user"]
 
 
-def add_models_service(c, *, state_dir: str, port: int = 8182, limits: dict | None = None,
+def add_models_service(c, *, state_dir: str, port: int = 8182, host: str = "127.0.0.1",
+                       limits: dict | None = None,
                        auth_cache_seconds: int = 60, max_body: int = 256 * 1024,
                        proxy_url: str | None = None, python: str = sys.executable) -> None:
     """Add the gateway to a hub config ``c``.
 
-    ``state_dir``: its registry and usage log (kept across restarts); ``port``: where it
-    listens on loopback (the hub's proxy sends ``/services/aifab-models/`` there);
+    ``state_dir``: its registry and usage log (kept across restarts); ``host``, ``port``:
+    where it listens (the hub's proxy sends ``/services/aifab-models/`` there: loopback when
+    the proxy runs beside the hub, the hub pod's address in Kubernetes);
     ``limits``: ``{"default": {"concurrency": 8, "tokens_per_minute": 100000}, "groups":
     {"class": {...}}}``; ``auth_cache_seconds``: how long a token's scopes and a user's groups
     are trusted once looked up (a revoked grant lasts that long); ``proxy_url``: where the
@@ -50,7 +52,7 @@ def add_models_service(c, *, state_dir: str, port: int = 8182, limits: dict | No
     services = [s for s in _given(c.JupyterHub, "services", []) if s.get("name") != SERVICE]
     c.JupyterHub.services = services + [{
         "name": SERVICE,
-        "url": f"http://127.0.0.1:{port}",
+        "url": f"http://{host}:{port}",
         "command": [python, "-m", "aifab.gateway"],
         "environment": env,
         # a browser's login (the hub's OAuth cookie) carries the same scopes as a token

@@ -74,11 +74,14 @@ class Router:
         self.started = 0.0
         self.workers: set[str] = set()
         self._adding: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Future] = set()
         self._http = httpclient.AsyncHTTPClient()
 
     async def start(self, timeout: float = 30) -> None:
+        # (not the gateway's hub token: the router needs no credentials)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
         self.proc, self.started = supervisor.launch(
-            self.argv, env={**os.environ, "RUST_LOG": "warn"}, log_path=self.log_path,
+            self.argv, env={**env, "RUST_LOG": "warn"}, log_path=self.log_path,
             cwd=self.log_path.parent)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -90,6 +93,7 @@ class Router:
                 return
             except (OSError, httpclient.HTTPClientError):
                 if asyncio.get_running_loop().time() > deadline:
+                    await self.stop()  # nothing half-started
                     raise RuntimeError(f"vllm-router for {self.model_id} not answering after "
                                        f"{timeout}s: see {self.log_path}") from None
                 await asyncio.sleep(0.1)
@@ -101,7 +105,21 @@ class Router:
             self._adding[url] = asyncio.ensure_future(self._add(url))
         for url in self.workers - set(urls):
             self.workers.discard(url)
-            asyncio.ensure_future(self._call("remove_worker", url))
+            self._tasks.add(asyncio.ensure_future(self._call("remove_worker", url)))
+
+    async def sweep(self, urls: list[str]) -> None:
+        """Take out any worker the router lists that is not one of ``urls``: the router's
+        admin routes have no authentication, so another process on this host could add one
+        (it would get callers' requests, with a signature good for a minute; never a key)."""
+        try:
+            r = await self._http.fetch(f"{self.url}/list_workers", request_timeout=2)
+            listed = set(json.loads(r.body).get("urls", []))
+        except (OSError, ValueError, httpclient.HTTPClientError):
+            return
+        for url in listed - set(urls):
+            log.warning("aifab-models: the router of %s had a worker nobody published (%s); "
+                        "removed it", self.model_id, url)
+            await self._call("remove_worker", url)
 
     async def _add(self, url: str) -> None:
         try:
@@ -138,7 +156,7 @@ class Router:
         return self.proc is not None and self.proc.poll() is None
 
     async def stop(self) -> None:
-        for task in self._adding.values():
+        for task in [*self._adding.values(), *self._tasks]:
             task.cancel()
         if self.proc is not None:
             await supervisor.stop_tree(self.proc.pid, self.started, grace=5,

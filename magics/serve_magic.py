@@ -31,12 +31,12 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
         raise UsageError(f"usage: {USAGE}")
     if words[0] in ("list", "stop", "logs", "share", "unshare"):
         p = MagicArgumentParser(prog=f"%serve {words[0]}", usage_text=USAGE)
-        if words[0] != "list":
+        if words[0] == "list":
+            p.add_argument("--all", action="store_true", help="ended servers too")
+        else:
             p.add_argument("name")
         if words[0] == "share":
             p.add_argument("groups", type=_groups)
-        else:
-            p.add_argument("--all", action="store_true", help="ended servers too")
         if words[0] == "logs":
             p.add_argument("-n", type=int, default=50)
         return words[0], p.parse_args(words[1:]), extra
@@ -85,7 +85,6 @@ def list_lines(services: list[dict], show_all: bool = False) -> list[str]:
     return lines
 
 
-@magics_class
 def _groups(value: str) -> list[str]:
     groups = [g for g in value.split(",") if g]
     if not groups:
@@ -93,6 +92,7 @@ def _groups(value: str) -> list[str]:
     return groups
 
 
+@magics_class
 class ServeMagics(Magics):
     @line_magic
     def serve(self, line: str):

@@ -165,3 +165,37 @@ def test_the_models_url_from_a_session():
         "http://127.0.0.1:8000/services/aifab-models/"
     with pytest.raises(ValueError, match="AIFAB_MODELS_URL"):
         models_url({})
+
+
+def test_the_magics_load_and_serve_parses_share_and_unshare():
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from aifab.magics.serve_magic import parse_serve
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_line_magic("load_ext", "aifab.magics")
+        assert {"serve", "finetune", "dask"} <= set(shell.magics_manager.magics["line"])
+    finally:
+        InteractiveShell.clear_instance()
+    assert parse_serve("tiny --share class,staff")[1].share == ["class", "staff"]
+    command, opts, _ = parse_serve("share chat class")
+    assert (command, opts.name, opts.groups) == ("share", "chat", ["class"])
+    assert parse_serve("unshare chat")[:2][0] == "unshare"
+    for bad in ("share chat", "share chat ,", "stop chat --all", "tiny --share"):
+        with pytest.raises(UsageError):
+            parse_serve(bad)
+
+
+def test_a_signature_is_good_for_its_route_and_a_minute_only():
+    from aifab import signing
+
+    key = "k" * 43
+    header = signing.sign(key, "/v1/chat/completions", now=1000)
+    assert signing.verify(key, "/v1/chat/completions", header, now=1030)
+    assert not signing.verify(key, "/v1/completions", header, now=1030)  # another route
+    assert not signing.verify(key, "/v1/chat/completions", header, now=1061)  # too old
+    assert not signing.verify("x" * 43, "/v1/chat/completions", header, now=1000)
+    for bad in ("", "Bearer " + key, "Bearer aifab1.x.y", "Bearer aifab1.1000", header + "0"):
+        assert not signing.verify(key, "/v1/chat/completions", bad, now=1000)
