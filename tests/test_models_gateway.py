@@ -129,13 +129,18 @@ def _wait_healthy(hub, timeout: float = 120) -> None:
                          f"{hub.log_tail()}")
 
 
-def _requests_served(svc) -> float:
-    """vLLM's own count of requests it finished, read on its private socket (as root)."""
+def _metric(svc, name: str) -> float:
+    """One of vLLM's own metrics (summed over its labels), read on its private socket (as
+    root): what reached the replica, whatever the gateway says."""
     out = subprocess.run(["curl", "-s", "--unix-socket", svc["socket"],
                           "http://localhost/metrics"], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("vllm:request_success_total"))
+               if line.startswith(name))
+
+
+def _requests_served(svc) -> float:
+    return _metric(svc, "vllm:request_success_total")
 
 
 def _client(hub, name: str) -> OpenAI:
@@ -274,11 +279,7 @@ def test_a_caller_who_leaves_ends_the_generation_on_the_replica(hub, published):
 
 
 def _running(svc) -> float:
-    out = subprocess.run(["curl", "-s", "--unix-socket", svc["socket"],
-                          "http://localhost/metrics"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    return _metric(svc, "vllm:num_requests_running")
 
 
 def test_the_gateway_finds_its_registry_again_after_a_hub_restart(hub, published):
