@@ -116,10 +116,10 @@ def compare(direct: tuple, gateway: tuple, n: int, concurrency: int) -> dict:
 
 
 def start_hub(root: Path, upstreams: dict[str, tuple[str, str, str]],
-              gateway_port: int) -> tuple[Hub, str]:
+              gateway_port: int, participants: list[str] = ("p0",)) -> tuple[Hub, str]:
     """A hub whose gateway's registry holds ``upstreams`` (name -> url, key, served name),
-    owned by ``owner`` and shared with the group of participant ``p0``; returns (hub,
-    p0's token)."""
+    owned by ``owner`` and shared with the group of the ``participants`` (any password logs
+    in); returns (hub, the first participant's token)."""
     state = root / "aifab-models"
     state.mkdir(parents=True)
     (state / "registry.json").write_text(json.dumps([
@@ -130,15 +130,16 @@ def start_hub(root: Path, upstreams: dict[str, tuple[str, str, str]],
 from aifab.gateway import add_models_service
 add_models_service(c, state_dir={str(state)!r}, port={gateway_port},
                    limits={{"default": {{"concurrency": 256, "tokens_per_minute": 10**9}}}})
-c.JupyterHub.load_groups = {{"class": ["p0"]}}
+c.JupyterHub.load_groups = {{"class": {list(participants)!r}}}
 c.JupyterHub.load_roles = c.JupyterHub.load_roles + [{{"name": "class-uses-owner",
     "groups": ["class"], "scopes": ["custom:aifab-models:use!user=owner"]}}]
 c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
 """
     hub = Hub(root, extra_config=extra)
     hub.start()
-    hub.api("POST", "/users", json={"usernames": ["owner", "p0"]}).raise_for_status()
-    r = hub.api("POST", "/users/p0/tokens", json={"note": "bench"})
+    hub.api("POST", "/users", json={"usernames": ["owner", *participants]}).raise_for_status()
+    r = hub.api("POST", f"/users/{participants[0]}/tokens", json={"note": "bench"})
     r.raise_for_status()
     token = r.json()["token"]
     deadline = time.monotonic() + 120

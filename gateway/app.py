@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlparse
@@ -22,6 +23,7 @@ from jupyterhub.utils import url_path_join
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 
+from .deployments import Deployer, DeploySettings
 from .handlers import handlers
 from .hub_config import SCOPE_PUBLISH, SCOPE_USE
 from .limits import Limiter, parse_limits
@@ -40,6 +42,7 @@ class Settings:
     max_body: int = 256 * 1024  # AIFAB_MODELS_MAX_BODY: bytes of one request
     limits: str = "{}"  # AIFAB_MODELS_LIMITS: JSON, see aifab.gateway.limits
     health_interval: int = 2  # AIFAB_MODELS_HEALTH_INTERVAL: the routers' health checks
+    deploy: str = ""  # AIFAB_MODELS_DEPLOY: JSON, see aifab.gateway.deployments
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -53,7 +56,8 @@ class Settings:
                    auth_cache_seconds=int(env.get("AIFAB_MODELS_AUTH_CACHE", "60")),
                    max_body=int(env.get("AIFAB_MODELS_MAX_BODY", str(256 * 1024))),
                    limits=env.get("AIFAB_MODELS_LIMITS", "{}"),
-                   health_interval=int(env.get("AIFAB_MODELS_HEALTH_INTERVAL", "2")))
+                   health_interval=int(env.get("AIFAB_MODELS_HEALTH_INTERVAL", "2")),
+                   deploy=env.get("AIFAB_MODELS_DEPLOY", ""))
 
 
 class Gateway:
@@ -73,6 +77,9 @@ class Gateway:
         self._watch: asyncio.Future | None = None
         self._groups: dict[str, tuple[float, list[str]]] = {}
         self._http = httpclient.AsyncHTTPClient()
+        deploy = DeploySettings.from_json(settings.deploy)
+        # (None: this site runs no deployments; their API says so)
+        self.deployer = Deployer(deploy, self.registry, sys.executable) if deploy else None
 
     # --- who may use what
 
@@ -116,7 +123,23 @@ class Gateway:
         await self._route(pub)
         self.registry.put(pub)
 
+    async def deploy(self, owner: str, name: str, served_name: str, groups: list[str],
+                     request: dict) -> Publication:
+        """Submit the replicas, then route and record it (the watch adds the replicas to
+        the router as they start)."""
+        pub = await self.deployer.create(owner, name, served_name, groups, request)
+        try:
+            await self._route(pub)
+        except RuntimeError:
+            await self.deployer.cancel(pub, list(pub.jobs))
+            raise
+        self.registry.put(pub)
+        return pub
+
     async def withdraw(self, model_id: str) -> None:
+        pub = self.registry.get(model_id)
+        if pub is not None and pub.deployment and self.deployer is not None:
+            await self.deployer.cancel(pub, list(pub.jobs))
         self.registry.remove(model_id)
         router = self.routers.pop(model_id, None)
         if router is not None:
@@ -178,6 +201,12 @@ class Gateway:
                                     "it", pub.id)
                         await self._route(pub)
                     else:
+                        if pub.deployment and self.deployer is not None:
+                            if await self.deployer.tick(pub, await router.health()):
+                                log.info("aifab-models: %s reached its end; undeploying",
+                                         pub.id)
+                                await self.withdraw(pub.id)
+                                continue
                         router.set_workers(pub.upstreams)
                         await router.sweep(pub.upstreams)
                 except Exception as exc:  # the watch goes on whatever one model does

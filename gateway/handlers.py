@@ -388,6 +388,96 @@ class UsageHandler(BaseHandler):
         self.finish({"usage": self.gw.usage.lines_for(mine)})
 
 
+class DeploymentsHandler(BaseHandler):
+    """api/deployments: GET one's own deployments; POST deploys (replicas as Slurm jobs the
+    gateway keeps until ``until``, outliving the session)."""
+
+    def _owner(self) -> str:
+        user = self.current_user
+        owner = user["name"]
+        if user.get("kind") != "user" or not self.hub_auth.check_scopes(
+                f"{SCOPE_PUBLISH}!user={owner}", user):
+            raise web.HTTPError(403, f"{_esc(owner)} may not deploy models: that needs "
+                                     f"{SCOPE_PUBLISH}!user={_esc(owner)}")
+        if self.gw.deployer is None:
+            raise web.HTTPError(409, "this hub runs no deployments (add_models_service has "
+                                     "no deploy=...): publish a session's model instead")
+        return owner
+
+    async def get(self) -> None:
+        owner = self._owner()
+        mine = [p for p in self.gw.registry.models.values()
+                if p.owner == owner and p.deployment]
+        self.finish({"deployments": [p.public(await self.gw.health(p)) for p in mine]})
+
+    async def post(self) -> None:
+        from aifab import slurm
+
+        from .deployments import DeployError, check_request
+
+        owner = self._owner()
+        body = self.json_body()
+        allowed = {"name", "model", "replicas", "until", "groups", "gpus", "max_model_len",
+                   "served_name"}
+        if set(body) - allowed:
+            raise web.HTTPError(400, f"unknown fields {sorted(set(body) - allowed)}; allowed: "
+                                     f"{', '.join(sorted(allowed))}")
+        name = body.get("name")
+        if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
+            raise web.HTTPError(400, f"name {_esc(str(name)[:80])!r}: {SERVICE_NAME_RULE}")
+        served = body.get("served_name") or name
+        if not isinstance(served, str) or not re.fullmatch(SERVED_NAME_RULE, served):
+            raise web.HTTPError(400, "served_name: the model name vLLM answers to")
+        if self.gw.registry.get(f"{owner}/{name}") is not None:
+            raise web.HTTPError(409, f"{owner}/{name} is published already: undeploy or "
+                                     "withdraw it first, or choose another name")
+        try:
+            groups = check_groups(body.get("groups"))
+            request = check_request(body, self.gw.deployer.settings, time.time())
+        except (ValueError, DeployError) as exc:
+            raise web.HTTPError(400, _esc(exc)) from None
+        try:
+            pub = await self.gw.deploy(owner, name, served, groups, request)
+        except DeployError as exc:
+            raise web.HTTPError(400, _esc(exc)) from None
+        except (slurm.SlurmError, RuntimeError) as exc:
+            raise web.HTTPError(503, f"could not start the replicas: {_esc(exc)}") from None
+        self.set_status(201)
+        self.finish(pub.public())
+
+
+class DeploymentHandler(PublicationHandler):
+    """api/deployments/OWNER/NAME: GET its replicas (job, state, node, health); DELETE
+    undeploys (cancels every replica job); ``/logs?job=ID&n=100``: a replica's logs."""
+
+    def _mine(self, owner: str, name: str) -> Publication:
+        pub = super()._mine(owner, name)
+        if not pub.deployment:
+            raise web.HTTPError(404, f"{owner}/{name} is a session's model, not a deployment")
+        return pub
+
+    async def get(self, owner: str, name: str, logs: str = "") -> None:
+        pub = self._mine(owner, name)
+        if not logs:
+            self.finish(pub.public(await self.gw.health(pub)))
+            return
+        job = self.get_argument("job", "")
+        n = self.get_argument("n", "100")
+        if job not in pub.jobs and not re.fullmatch(r"[0-9]{1,12}", job):
+            raise web.HTTPError(400, "job: the id of one of its replica jobs")
+        if not re.fullmatch(r"[0-9]{1,5}", n):
+            raise web.HTTPError(400, "n: the number of lines, 1 to 99999")
+        self.finish({"job": job, **self.gw.deployer.logs(pub, job, int(n))})
+
+    async def delete(self, owner: str, name: str, logs: str = "") -> None:
+        if logs:
+            raise web.HTTPError(405)
+        pub = self._mine(owner, name)
+        await self.gw.withdraw(pub.id)
+        self.set_status(204)
+        self.finish()
+
+
 def handlers(prefix: str) -> list:
     from jupyterhub.services.auth import HubOAuthCallbackHandler
 
@@ -401,6 +491,8 @@ def handlers(prefix: str) -> list:
         (prefix + "api/models", PublishHandler),
         (prefix + rf"api/models/({owner})/({name})", PublicationHandler),
         (prefix + "api/usage", UsageHandler),
+        (prefix + "api/deployments", DeploymentsHandler),
+        (prefix + rf"api/deployments/({owner})/({name})(/logs)?", DeploymentHandler),
         (prefix + r"(.*)", OutsideHandler),
     ]
 

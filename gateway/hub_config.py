@@ -24,7 +24,8 @@ SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server", SCOPE_USE
 def add_models_service(c, *, state_dir: str, port: int = 8182, host: str = "127.0.0.1",
                        limits: dict | None = None,
                        auth_cache_seconds: int = 60, max_body: int = 256 * 1024,
-                       proxy_url: str | None = None, python: str = sys.executable) -> None:
+                       proxy_url: str | None = None, python: str = sys.executable,
+                       deploy: dict | None = None) -> None:
     """Add the gateway to a hub config ``c``.
 
     ``state_dir``: its registry and usage log (kept across restarts); ``host``, ``port``:
@@ -33,10 +34,15 @@ def add_models_service(c, *, state_dir: str, port: int = 8182, host: str = "127.
     ``limits``: ``{"default": {"concurrency": 8, "tokens_per_minute": 100000}, "groups":
     {"class": {...}}}``; ``auth_cache_seconds``: how long a token's scopes and a user's groups
     are trusted once looked up (a revoked grant lasts that long); ``proxy_url``: where the
-    gateway reaches the hub's proxy (default: the origin of ``c.JupyterHub.public_url``)."""
+    gateway reaches the hub's proxy (default: the origin of ``c.JupyterHub.public_url``);
+    ``deploy``: where deployments' replicas run, ``aifab.gateway.deployments.DeploySettings``
+    (``{"partition": "gh200", "slurm_conf": ..., "dir": "{home}/.aifab/deployments"}``;
+    None: this hub runs no deployments)."""
+    from .deployments import DeploySettings
     from .limits import parse_limits
 
     parse_limits(limits or {})  # bad limits stop the hub's start, with the reason
+    DeploySettings.from_json(json.dumps(deploy) if deploy else "")  # so do bad settings
     c.JupyterHub.custom_scopes = {
         **_given(c.JupyterHub, "custom_scopes", {}),
         SCOPE_USE: {"description": "Call the models that a user published (filter: "
@@ -49,6 +55,8 @@ def add_models_service(c, *, state_dir: str, port: int = 8182, host: str = "127.
            "AIFAB_MODELS_LIMITS": json.dumps(limits or {})}
     if proxy_url:
         env["AIFAB_MODELS_PROXY_URL"] = proxy_url
+    if deploy:
+        env["AIFAB_MODELS_DEPLOY"] = json.dumps(deploy)
     services = [s for s in _given(c.JupyterHub, "services", []) if s.get("name") != SERVICE]
     c.JupyterHub.services = services + [{
         "name": SERVICE,

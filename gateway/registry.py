@@ -57,6 +57,10 @@ class Publication:
     groups: list[str]
     labels: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    # a deployment (replicas as Slurm jobs the gateway keeps): its request, and its jobs by
+    # id ({"state", "node", "url", "served", "unhealthy_since"}); empty for a session's
+    deployment: dict = field(default_factory=dict)
+    jobs: dict[str, dict] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -84,6 +88,10 @@ class Registry:
 
     def put(self, pub: Publication) -> None:
         self.models[pub.id] = pub
+        self._save()
+
+    def save(self) -> None:
+        """After a publication changed in place (a deployment's jobs)."""
         self._save()
 
     def remove(self, model_id: str) -> Publication | None:

@@ -13,8 +13,11 @@ from .parsing import MagicArgumentParser
 USAGE = """%serve MODEL [--name N] [--gpus 2|0,1|all] [--tp auto|N] [--max-model-len N]
        [--gpu-memory-utilization F] [--lora NAME=PATH ...] [--on ALLOCATION] [--wait]
        [--share GROUP[,GROUP]] [-- extra vllm args]
+%serve MODEL --deploy --replicas N --until 2026-12-20T18:00 --share GROUP[,GROUP]
+       [--name N] [--gpus N] [--max-model-len N]
 %serve list [--all] | %serve stop NAME | %serve logs NAME [-n 50]
-%serve share NAME GROUP[,GROUP] | %serve unshare NAME"""
+%serve share NAME GROUP[,GROUP] | %serve unshare NAME
+%serve deployments | %serve undeploy NAME"""
 
 
 def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
@@ -29,9 +32,11 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
         words, extra = words[:i], words[i + 1:]
     if not words:
         raise UsageError(f"usage: {USAGE}")
-    if words[0] in ("list", "stop", "logs", "share", "unshare"):
+    if words[0] in ("list", "stop", "logs", "share", "unshare", "deployments", "undeploy"):
         p = MagicArgumentParser(prog=f"%serve {words[0]}", usage_text=USAGE)
-        if words[0] == "list":
+        if words[0] == "deployments":
+            pass
+        elif words[0] == "list":
             p.add_argument("--all", action="store_true", help="ended servers too")
         else:
             p.add_argument("name")
@@ -51,7 +56,15 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
     p.add_argument("--wait", action="store_true")
     p.add_argument("--on")
     p.add_argument("--share", type=_groups, default=[])
+    p.add_argument("--deploy", action="store_true")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--until")
     opts = p.parse_args(words)
+    if opts.deploy and not (opts.until and opts.share):
+        raise UsageError(f"--deploy needs --until TIME and --share GROUP[,GROUP]\n"
+                         f"usage: {USAGE}")
+    if not opts.deploy and (opts.until or opts.replicas != 1):
+        raise UsageError(f"--until and --replicas go with --deploy\nusage: {USAGE}")
     loras = {}
     for item in opts.lora:
         name, sep, path = item.partition("=")
@@ -64,6 +77,21 @@ def parse_serve(line: str) -> tuple[str, argparse.Namespace, list[str]]:
             raise UsageError(f"--tp {opts.tp!r}: auto or a number")
         opts.tp = int(opts.tp)
     return "serve", opts, extra
+
+
+def deployment_lines(items: list[dict]) -> list[str]:
+    """One line per deployment and one per replica job, for ``%serve deployments``."""
+    if not items:
+        return ["no deployments"]
+    out = []
+    for d in items:
+        out.append(f"{d['id']}  {len(d['jobs'])}/{d['deployment']['replicas']} replicas, "
+                   f"until {d['labels'].get('until', '?')}, for {', '.join(d['groups'])}")
+        for job, info in d["jobs"].items():
+            healthy = d["health"].get(info["url"]) if info.get("url") else None
+            out.append(f"  job {job}  {info['state'].lower()}  {info['node'] or '-'}  "
+                       f"{'serving' if healthy else 'not serving'}")
+    return out
 
 
 def list_lines(services: list[dict], show_all: bool = False) -> list[str]:
@@ -94,6 +122,30 @@ def _groups(value: str) -> list[str]:
 
 @magics_class
 class ServeMagics(Magics):
+    def _deployments(self, command: str, opts):
+        from aifab import published as models
+
+        try:
+            if command == "deployments":
+                print("\n".join(deployment_lines(models.deployments())))
+            elif command == "undeploy":
+                models.undeploy(opts.name)
+                print(f"undeployed {opts.name}: its replica jobs are cancelled")
+            else:
+                from .serving import default_name
+
+                record = models.deploy(
+                    opts.model, opts.name or default_name(opts.model), until=opts.until,
+                    groups=opts.share, replicas=opts.replicas, gpus=int(opts.gpus or 0),
+                    max_model_len=opts.max_model_len)
+                print(f"deploying {record['id']}: {opts.replicas} replica job(s) "
+                      f"{record['labels'].get('slurm.jobs', '')}, until "
+                      f"{record['labels'].get('until')}; `%serve deployments` shows them")
+                return record
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
+        return None
+
     @line_magic
     def serve(self, line: str):
         from aifab.magics.client import ServiceRequestError, SessionClient
@@ -120,6 +172,8 @@ class ServeMagics(Magics):
                 Served(opts.name).unpublish()
                 print(f"{opts.name} is no longer published")
                 return None
+            if command in ("deployments", "undeploy") or opts.deploy:
+                return self._deployments(command, opts)
             gpus = opts.gpus
             if gpus is not None and gpus.isdigit():
                 gpus = int(gpus)

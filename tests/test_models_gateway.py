@@ -282,6 +282,27 @@ def _running(svc) -> float:
     return _metric(svc, "vllm:num_requests_running")
 
 
+def test_tutorial_6_runs_as_a_participant(hub, published, tmp_path, monkeypatch):
+    """docs/notebooks/06-share-a-model.ipynb, top to bottom, in alice's kernel (her token,
+    the hub's gateway): the class's side of a shared model."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["alice"])
+    monkeypatch.setenv("AIFAB_MODELS_URL", _gateway(hub))
+    nb = nbformat.read(REPO / "docs" / "notebooks" / "06-share-a-model.ipynb", as_version=4)
+    try:
+        NotebookClient(nb, kernel_name="aifab", timeout=300,
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        (REPO / "test-artifacts" / "tutorials").mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, REPO / "test-artifacts" / "tutorials" / "06-share-a-model.ipynb")
+    text = "\n".join(out.get("text", "") for cell in nb.cells
+                     for out in cell.get("outputs", []))
+    assert f"{MODEL} from teacher" in text and "answer:" in text, text
+    assert "streamed" in text, text
+
+
 def test_the_gateway_finds_its_registry_again_after_a_hub_restart(hub, published):
     hub.restart()
     hub.wait_for_server("teacher", timeout=60)

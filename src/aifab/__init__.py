@@ -25,16 +25,21 @@ _NOTEBOOK_API = {
     "cluster": ("aifab.magics.dask_cluster", "cluster"),
     "allocate": ("aifab.magics.allocating", "allocate"),
     "allocations": ("aifab.magics.allocating", "allocations"),
-    "models": ("aifab.magics.models", "models"),
-    "client": ("aifab.magics.models", "client"),
+    "client": ("aifab.published", "client"),
     "data": ("aifab.magics.data", None),
     "examples": ("aifab.magics.examples", None),
 }
 
-__all__ = ["Session", "SessionContractError", "__version__", *_NOTEBOOK_API]
+__all__ = ["Session", "SessionContractError", "__version__", "models", *_NOTEBOOK_API]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str):
+    if name == "models":  # the model cache; called, the published models (aifab.models)
+        return importlib.import_module("aifab.models")
     if name not in _NOTEBOOK_API:
         raise AttributeError(f"module 'aifab' has no attribute {name!r}")
     module, attr = _NOTEBOOK_API[name]

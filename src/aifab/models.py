@@ -10,6 +10,8 @@ folder is also the Hugging Face cache (``HF_HUB_CACHE``, offline), for ``org/nam
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
 
 from .session import ENV_MODEL_CACHE as ENV_CACHE
@@ -56,3 +58,17 @@ def offline_refusal(model_id: str, env=None) -> str:
     cached = ", ".join(cached_models()) or "no models"
     return (f"model {model_id!r}: offline session, and it is not in the shared model cache "
             f"(it has: {cached})")
+
+
+class _CallableModule(types.ModuleType):
+    """``aifab.models()``: this module, called, lists the published models the caller may use
+    through the hub's gateway (``aifab.published.models``). The name is the one users know
+    from OpenAI's ``client.models.list()``; the module keeps its functions."""
+
+    def __call__(self, token: str | None = None) -> list[dict]:
+        from .published import models
+
+        return models(token)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -114,6 +115,38 @@ class NamespacedCluster(SlurmCluster):
                 "sh", "-c", 'mount --bind "$3" /etc/hosts && hostname "$1" && '
                 'exec slurmd -f "$2" -N "$1"', "sh", node, str(self.conf_path),
                 str(self._hosts_file())]
+
+    # ------------------------------------------------------------------ a lost node
+    def take_node_away(self, node: str) -> int:
+        """A lost node: its slurmd stops and every process in its network namespace (its
+        jobs and their children) is killed at once. Returns how many processes were."""
+        net = os.stat(f"/run/netns/{self._netns[node]}").st_ino
+        self._kill([f"slurmd@{node}"])
+        killed = 0
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == net:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                pass
+        return killed
+
+    def bring_node_back(self, node: str, timeout: float = 120) -> None:
+        """Start the node's slurmd again and wait until Slurm schedules on it."""
+        name = f"slurmd@{node}"
+        self._pidfile[name].unlink(missing_ok=True)
+        self._spawn(name, self._slurmd_argv(node))
+        self._await_pidfile(name, 15)
+
+        def usable() -> bool:
+            state = self.run("sinfo", "-h", "-n", node, "-o", "%T", check=False).stdout
+            if "down" in state or "drain" in state:
+                self.run("scontrol", "update", f"NodeName={node}", "State=RESUME",
+                         check=False)
+            return state.strip().rstrip("*") in ("idle", "mixed", "allocated")
+
+        self.wait_for(usable, timeout, what=f"{node} back in service")
 
     def _hosts_file(self) -> Path:
         path = self.root / "etc" / "hosts"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import stat
+import time
+from datetime import datetime
 
 import pytest
 from traitlets.config import Config
@@ -199,3 +201,49 @@ def test_a_signature_is_good_for_its_route_and_a_minute_only():
     assert not signing.verify("x" * 43, "/v1/chat/completions", header, now=1000)
     for bad in ("", "Bearer " + key, "Bearer aifab1.x.y", "Bearer aifab1.1000", header + "0"):
         assert not signing.verify(key, "/v1/chat/completions", bad, now=1000)
+
+
+def test_a_deployment_request_is_checked_with_what_is_allowed(tmp_path):
+    from aifab.gateway.deployments import DeployError, DeploySettings, check_request
+
+    settings = DeploySettings(max_replicas=3, max_days=2)
+    now = 1_800_000_000.0
+    soon = datetime.fromtimestamp(now + 3600).isoformat(timespec="minutes")
+    good = check_request({"model": str(tmp_path), "replicas": 2, "until": soon}, settings, now)
+    assert good["replicas"] == 2 and good["gpus"] == 0 and good["until"] > now
+    for body, words in [
+        ({"model": "org/name", "until": soon}, "absolute path"),
+        ({"model": str(tmp_path / "missing"), "until": soon}, "model folder"),
+        ({"model": str(tmp_path), "until": soon, "replicas": 0}, "1 to 3"),
+        ({"model": str(tmp_path), "until": soon, "replicas": True}, "1 to 3"),
+        ({"model": str(tmp_path), "until": soon, "gpus": -1}, "gpus"),
+        ({"model": str(tmp_path), "until": "tomorrow"}, "ISO time"),
+        ({"model": str(tmp_path), "until": None}, "ISO time"),
+        ({"model": str(tmp_path), "until": datetime.fromtimestamp(now - 10).isoformat()},
+         "not in the future"),
+        ({"model": str(tmp_path), "until": datetime.fromtimestamp(now + 3 * 86400)
+          .isoformat()}, "2 days"),
+    ]:
+        with pytest.raises(DeployError, match=words):
+            check_request(body, settings, now)
+
+
+def test_a_replica_job_runs_as_its_owner_with_the_walltime_and_no_shell_string(tmp_path):
+    from aifab.gateway.deployments import Deployer, DeploySettings
+    from aifab.gateway.registry import Publication
+
+    settings = DeploySettings.from_json(json.dumps({"partition": "gh200"}))
+    deployer = Deployer(settings, registry=None, python="/venv/bin/python")
+    pub = Publication(owner="ada", name="chat", served_name="chat", upstreams=[], key="k",
+                      groups=["class"], deployment={"model": "/models/my model; rm -rf /",
+                                                    "gpus": 1, "max_model_len": 0})
+    deployer.avoid = {"node7": time.time() + 60, "node8": time.time() - 1}
+    script = deployer.script(pub, tmp_path, 90)
+    assert "#SBATCH --time=90" in script and "#SBATCH --partition=gh200" in script
+    assert "#SBATCH --gpus=1" in script and "#SBATCH --exclude=node7\n" in script
+    assert "'/models/my model; rm -rf /'" in script  # one argument, quoted
+    assert deployer._prefix("ada") == ["sudo", "-E", "-u", "ada"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        DeploySettings.from_json('{"partitions": "x"}')
+    with pytest.raises(ValueError, match="Slurm name"):
+        DeploySettings.from_json('{"partition": "a b"}')
