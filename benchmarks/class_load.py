@@ -33,6 +33,9 @@ BODY = {"model": "owner/tiny", "max_tokens": 16, "temperature": 0, "stream": Tru
         "messages": [{"role": "user", "content": "Say hello to the class"}]}
 
 
+FAILURES: list[str] = []
+
+
 async def participant(url: str, token: str, chats: int) -> list[tuple[float, bool]]:
     """``chats`` streamed chats one after another: (time to first token, succeeded)."""
     out = []
@@ -43,12 +46,17 @@ async def participant(url: str, token: str, chats: int) -> list[tuple[float, boo
             first = None
             try:
                 async with client.stream("POST", url, json=BODY) as r:
+                    body = b""
                     async for chunk in r.aiter_bytes():
+                        body += chunk[:200] if len(body) < 400 else b""
                         if first is None and b'"content"' in chunk:
                             first = time.perf_counter() - t0
                     ok = r.status_code == 200 and first is not None
-            except httpx.HTTPError:
+                    if not ok:
+                        FAILURES.append(f"{r.status_code} {body[:300]!r}")
+            except httpx.HTTPError as exc:
                 ok = False
+                FAILURES.append(repr(exc))
             out.append((first or 0.0, ok))
     return out
 
@@ -105,14 +113,15 @@ def main() -> int:
         if hub is not None:
             hub.stop()
         stop_process(vllm["proc"], 30)
-    ttft = sorted(t for t, ok in results if ok)
+    ttft = sorted(t for t, ok in results if ok) or [float("nan")]
     q = statistics.quantiles(ttft, n=100) if len(ttft) > 1 else [ttft[0]] * 99
     print(json.dumps({
         "bench": "class_load", "participants": args.participants, "chats_each": args.chats,
         "chats": len(results), "failures": sum(1 for _, ok in results if not ok),
         "ttft_p50_ms": round(q[49] * 1000, 1), "ttft_p95_ms": round(q[94] * 1000, 1),
         "wall_s": round(wall, 1), "logins_s": round(login_s, 1),
-        "hub_cpu_s": round(hub_cpu, 2), "gateway_cpu_s": round(gw_cpu, 2)}))
+        "hub_cpu_s": round(hub_cpu, 2), "gateway_cpu_s": round(gw_cpu, 2),
+        "first_failures": FAILURES[:3]}))
     return 0
 
 

