@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,7 +38,7 @@ from jupyter_server_proxy.unixsock import UnixResolver
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
 
-from aifab import signing, supervisor
+from aifab import signing, slurm, supervisor
 from aifab.closable_http import OneRequestClient
 
 from .kinds.vllm import vllm_argv, vllm_env
@@ -141,6 +142,17 @@ class FrontHandler(web.RequestHandler):
             self._upstream.connections.close_all()
 
 
+def listen_address(node: str) -> tuple[int, str]:
+    """Where the front listens: the node's address as Slurm knows it (``NodeAddr``, what the
+    gateway connects to), not every interface of the node; loopback outside a Slurm job."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return socket.AF_INET, "127.0.0.1"
+    out = slurm.run(["scontrol", "show", "node", "-o", node])
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    info = socket.getaddrinfo(m.group(1) if m else node, 0, type=socket.SOCK_STREAM)[0]
+    return info[0], info[4][0]
+
+
 async def run(args) -> int:
     deploy_dir = Path(args.dir)
     job = os.environ.get("SLURM_JOB_ID", "local")
@@ -165,10 +177,13 @@ async def run(args) -> int:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     proc, started = supervisor.launch(argv, env=env, cwd=run_dir,
                                       log_path=deploy_dir / f"vllm-{job}.log")
-    server = HTTPServer(web.Application([(rf"/({ROUTES})", FrontHandler)], replica=replica))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # (a request body larger than this is refused before its signature is even read)
+    server = HTTPServer(web.Application([(rf"/({ROUTES})", FrontHandler)], replica=replica),
+                        max_body_size=8 * 1024 * 1024)
+    family, address = listen_address(node)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", 0))  # noqa: S104 - the node's own address: the gateway's router
+    sock.bind((address, 0))
     sock.listen(128)
     sock.setblocking(False)
     server.add_sockets([sock])

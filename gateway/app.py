@@ -80,6 +80,11 @@ class Gateway:
         deploy = DeploySettings.from_json(settings.deploy)
         # (None: this site runs no deployments; their API says so)
         self.deployer = Deployer(deploy, self.registry, sys.executable) if deploy else None
+        for pub in self.registry.models.values():  # (a failing streak starts anew)
+            for info in pub.jobs.values():
+                info["unhealthy_since"] = None
+        self._deploy_locks: dict[str, asyncio.Lock] = {}
+        self._reserved: set[str] = set()  # ids a deploy request is submitting for
 
     # --- who may use what
 
@@ -123,24 +128,44 @@ class Gateway:
         await self._route(pub)
         self.registry.put(pub)
 
+    def taken(self, model_id: str) -> bool:
+        return model_id in self.registry.models or model_id in self._reserved
+
     async def deploy(self, owner: str, name: str, served_name: str, groups: list[str],
                      request: dict) -> Publication:
         """Submit the replicas, then route and record it (the watch adds the replicas to
-        the router as they start)."""
-        pub = await self.deployer.create(owner, name, served_name, groups, request)
+        the router as they start). The id is reserved while it submits."""
+        model_id = f"{owner}/{name}"
+        if self.taken(model_id):
+            raise ValueError(f"{model_id} is published already")
+        self._reserved.add(model_id)
         try:
-            await self._route(pub)
-        except RuntimeError:
-            await self.deployer.cancel(pub, list(pub.jobs))
-            raise
-        self.registry.put(pub)
+            pub = await self.deployer.create(owner, name, served_name, groups, request)
+            try:
+                await self._route(pub)
+            except RuntimeError:
+                await self.deployer.cancel(pub, list(pub.jobs))
+                raise
+            self.registry.put(pub)
+        finally:
+            self._reserved.discard(model_id)
         return pub
 
     async def withdraw(self, model_id: str) -> None:
-        pub = self.registry.get(model_id)
-        if pub is not None and pub.deployment and self.deployer is not None:
-            await self.deployer.cancel(pub, list(pub.jobs))
-        self.registry.remove(model_id)
+        async with self._deploy_locks.setdefault(model_id, asyncio.Lock()):
+            pub = self.registry.get(model_id)
+            self.registry.remove(model_id)  # (first: a look at it now submits nothing)
+            if pub is not None and pub.deployment:
+                if self.deployer is None:
+                    log.error("aifab-models: %s is a deployment but this gateway has no "
+                              "deploy settings: cancel its jobs %s by hand", model_id,
+                              ",".join(pub.jobs))
+                else:
+                    try:
+                        await self.deployer.cancel(pub, list(pub.jobs))
+                    except Exception as exc:
+                        log.error("aifab-models: cancelling %s's jobs %s failed: %s",
+                                  model_id, ",".join(pub.jobs), exc)
         router = self.routers.pop(model_id, None)
         if router is not None:
             await router.stop()
@@ -202,10 +227,16 @@ class Gateway:
                         await self._route(pub)
                     else:
                         if pub.deployment and self.deployer is not None:
-                            if await self.deployer.tick(pub, await router.health()):
+                            async with self._deploy_locks.setdefault(pub.id, asyncio.Lock()):
+                                ended = await self.deployer.tick(
+                                    pub, router.probe,
+                                    lambda p=pub: self.registry.get(p.id) is p)
+                            if ended:
                                 log.info("aifab-models: %s reached its end; undeploying",
                                          pub.id)
                                 await self.withdraw(pub.id)
+                                continue
+                            if self.registry.get(pub.id) is not pub:
                                 continue
                         router.set_workers(pub.upstreams)
                         await router.sweep(pub.upstreams)
@@ -230,7 +261,9 @@ async def serve() -> None:
     settings = Settings.from_env()
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/aifab-models/")
     # (no ?token= in URLs: it would end up in access logs)
-    hub_auth = HubOAuth(cache_max_age=settings.auth_cache_seconds, allow_token_in_url=False)
+    # (the instance: the OAuth callback handler asks HubOAuth.instance() for it)
+    hub_auth = HubOAuth.instance(cache_max_age=settings.auth_cache_seconds,
+                                allow_token_in_url=False)
     gateway = Gateway(settings, hub_auth, os.environ.get("JUPYTERHUB_BASE_URL", "/"))
     url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8182"))
     server = HTTPServer(make_app(gateway, prefix, hub_auth), xheaders=True,

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import pwd
 import re
 import secrets
 import shlex
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +42,40 @@ TERMINAL = re.compile(r"^(?:COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|BOOT_FA
                       r"OUT_OF_MEMORY|PREEMPTED|SPECIAL_EXIT|REVOKED)")
 
 
+# run as the owner: the folder (0700) and the key (0600, a new file: never through a link)
+_WRITE_KEY = """
+import os, sys
+folder = sys.argv[1]
+os.makedirs(folder, mode=0o700, exist_ok=True)
+os.chmod(folder, 0o700, follow_symlinks=False)
+key = os.path.join(folder, "key")
+try:
+    os.unlink(key)
+except FileNotFoundError:
+    pass
+fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+os.write(fd, sys.stdin.buffer.read())
+os.close(fd)
+"""
+# the most the gateway reads of a file in an owner's folder (a log's tail, endpoint.json)
+READ_CAP = 256 * 1024
+
+
+def read_owned(path: Path, uid: int, cap: int = READ_CAP) -> str:
+    """The last ``cap`` bytes of a regular file that ``uid`` owns, never through a symlink
+    and never blocking (a FIFO): the gateway runs as root and the folder is the owner's.
+    OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            raise OSError(f"{path.name}: not a regular file of the deployment's owner")
+        os.lseek(fd, max(0, st.st_size - cap), os.SEEK_SET)
+        return os.read(fd, cap).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 class DeployError(ValueError):
     """A refused deployment request (400), with what is allowed."""
 
@@ -56,6 +92,7 @@ class DeploySettings:
     max_days: float = 14.0
     max_gpus: int = 4
     cpus_per_replica: int = 1
+    min_uid: int = 1000  # no deployments as root or a system account
     slurm_conf: str = ""
 
     @classmethod
@@ -119,6 +156,7 @@ class Deployer:
         self.env = slurm.minimal_env(
             {"SLURM_CONF": settings.slurm_conf} if settings.slurm_conf else None)
         self.avoid: dict[str, float] = {}  # node -> until when it is left out
+        self._backoff: dict[str, float] = {}  # deployment -> no submission before then
 
     # --- where a deployment lives
 
@@ -130,20 +168,36 @@ class Deployer:
                               "deployment's replicas run as their owner") from None
         return Path(self.settings.dir.format(owner=owner, home=home)) / name
 
-    def _prepare(self, owner: str, name: str) -> tuple[Path, str]:
-        """The deployment's folder, owned by the owner (mode 0700), and its key (0600)."""
+    def owner_uid(self, owner: str) -> int:
+        """The owner's Unix uid; DeployError for no such user or a system account."""
+        try:
+            uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise DeployError(f"{owner} is not a user of this machine's Slurm cluster: a "
+                              "deployment's replicas run as their owner") from None
+        if uid < self.settings.min_uid:
+            raise DeployError(f"{owner} is a system account (uid {uid}): deployments run as "
+                              f"users with a uid of {self.settings.min_uid} or more")
+        return uid
+
+    async def _prepare(self, owner: str, name: str) -> tuple[Path, str]:
+        """The deployment's folder (mode 0700) and its key (0600), made by a child process
+        running **as the owner** (the folder is in the owner's space: as root, a symlink
+        planted there would make the gateway write or chown a file of the system's)."""
+        uid = self.owner_uid(owner)
         folder = self.folder(owner, name)
-        folder.mkdir(parents=True, exist_ok=True)
-        user = pwd.getpwnam(owner)
         key = secrets.token_urlsafe(32)
-        key_file = folder / "key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key)
+        as_owner = {}
         if os.geteuid() == 0:
-            for path in (folder, key_file):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        folder.chmod(0o700)
+            user = pwd.getpwuid(uid)
+            as_owner = {"user": uid, "group": user.pw_gid, "extra_groups": []}
+        proc = await asyncio.create_subprocess_exec(
+            self.python, "-c", _WRITE_KEY, str(folder), stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={"PATH": os.defpath}, **as_owner)
+        _, err = await asyncio.wait_for(proc.communicate(key.encode()), 30)
+        if proc.returncode != 0:
+            raise DeployError(f"the deployment's folder {folder} could not be made as "
+                              f"{owner}: {err.decode(errors='replace').strip()[-300:]}")
         return folder, key
 
     # --- Slurm, as the owner
@@ -157,14 +211,16 @@ class Deployer:
         lines = ["#!/bin/bash", f"#SBATCH --job-name={JOB_NAME}",
                  f"#SBATCH --output={folder}/replica-%j.log", f"#SBATCH --time={minutes}",
                  "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+                 # a requeued job would come back elsewhere with another address: the
+                 # gateway submits a replacement instead
+                 "#SBATCH --no-requeue",
                  f"#SBATCH --cpus-per-task={self.settings.cpus_per_replica}"]
         if self.settings.partition:
             lines.append(f"#SBATCH --partition={self.settings.partition}")
         if d["gpus"]:
             lines.append(f"#SBATCH --gpus={d['gpus']}")
-        avoid = sorted(set(exclude) | {n for n, t in self.avoid.items() if t > time.time()})
-        if avoid:
-            lines.append(f"#SBATCH --exclude={','.join(avoid)}")
+        if exclude:
+            lines.append(f"#SBATCH --exclude={','.join(sorted(exclude))}")
         argv = [self.python, "-m", "aifab.extension.replica", "--dir", str(folder),
                 "--model", d["model"], "--served-name", pub.served_name,
                 "--gpus", str(d["gpus"]), "--max-model-len", str(d["max_model_len"])]
@@ -174,7 +230,7 @@ class Deployer:
         """One replica job, on a node that holds no replica of this deployment yet where
         there is one (a lost node then takes one replica, not all), and never on a node
         where a replica failed lately. Waits a few seconds for Slurm to place it."""
-        minutes = max(1, int((pub.deployment["until"] - time.time()) // 60))
+        minutes = max(1, math.ceil((pub.deployment["until"] - time.time()) / 60))
         folder = self.folder(pub.owner, pub.name)
         exclude = await self._spread(pub)
         out = await slurm.arun(["sbatch", "--parsable"], prefix=self._prefix(pub.owner),
@@ -183,7 +239,7 @@ class Deployer:
         pub.jobs[job] = {"state": "PENDING", "node": "", "url": "", "served": False,
                          "unhealthy_since": None, "submitted": time.time()}
         log.info("aifab-models: %s: submitted replica job %s", pub.id, job)
-        for _ in range(20):  # (the next replica's placement depends on this one's)
+        for _ in range(10):  # (the next replica's placement depends on this one's)
             state, node = (await self._states([job])).get(job, ("", ""))
             if node and node != "(null)":
                 pub.jobs[job].update(state=state, node=node)
@@ -192,9 +248,12 @@ class Deployer:
         return job
 
     async def _spread(self, pub: Publication) -> set[str]:
-        """The nodes of this deployment's other replicas, when the partition has others."""
+        """The nodes to leave out: where a replica failed lately and where this deployment's
+        other replicas run, as long as a usable node is left (else fewer of them)."""
+        now = time.time()
+        avoid = {n for n, t in self.avoid.items() if t > now}
         used = {i["node"] for i in pub.jobs.values() if i["node"]}
-        if not used:
+        if not used and not avoid:
             return set()
         argv = ["sinfo", "-h", "-N", "-o", "%N|%T"]
         if self.settings.partition:
@@ -205,8 +264,10 @@ class Deployer:
             return set()
         usable = {n for n, _, state in (line.partition("|") for line in out.splitlines())
                   if state.rstrip("*~#") in ("idle", "mixed", "allocated")}
-        usable -= {n for n, t in self.avoid.items() if t > time.time()}
-        return used if usable - used else set()
+        for exclude in (avoid | used, avoid):
+            if usable - exclude:
+                return exclude
+        return set()
 
     async def cancel(self, pub: Publication, jobs) -> None:
         jobs = [j for j in jobs if re.fullmatch(r"[0-9]+", j)]
@@ -215,7 +276,7 @@ class Deployer:
 
     async def create(self, owner: str, name: str, served_name: str, groups: list[str],
                      request: dict) -> Publication:
-        folder, key = self._prepare(owner, name)
+        folder, key = await self._prepare(owner, name)
         pub = Publication(owner=owner, name=name, served_name=served_name, upstreams=[],
                           key=key, groups=groups, deployment=request,
                           labels={"kind": "deployment", "until": datetime.fromtimestamp(
@@ -231,14 +292,20 @@ class Deployer:
 
     # --- keeping the replica count
 
-    async def tick(self, pub: Publication, health: dict[str, bool]) -> bool:
-        """One look at a deployment: returns whether it ended (its ``until`` passed)."""
+    async def tick(self, pub: Publication, probe, still_there) -> bool:
+        """One look at a deployment: returns whether it ended (its ``until`` passed).
+        ``probe(url)``: whether a replica answers its /health (asked of the replica itself);
+        ``still_there()``: whether the deployment is still registered (not undeployed while
+        this look waited on Slurm)."""
         now = time.time()
         if now >= pub.deployment["until"]:
             return True
         states = await self._states(list(pub.jobs))
+        uid = self.owner_uid(pub.owner)
         folder = self.folder(pub.owner, pub.name)
         for job, info in list(pub.jobs.items()):
+            if job not in states and now - info.get("submitted", 0) < 60:
+                continue  # (just submitted: not listed yet)
             state, node = states.get(job, ("GONE", info["node"]))
             info["state"], info["node"] = state, node or info["node"]
             if state == "GONE" or TERMINAL.match(state):
@@ -250,10 +317,10 @@ class Deployer:
                 del pub.jobs[job]
                 continue
             if state == "RUNNING" and not info["url"]:
-                info["url"] = await self._url(folder / job / "endpoint.json", node)
+                info["url"] = await self._url(folder / job / "endpoint.json", uid, info)
             if not info["url"]:
                 continue
-            if health.get(info["url"]):
+            if await probe(info["url"]):
                 info["served"], info["unhealthy_since"] = True, None
             elif info["served"]:
                 info["unhealthy_since"] = info["unhealthy_since"] or now
@@ -266,41 +333,62 @@ class Deployer:
                         await self.cancel(pub, [job])
                     except slurm.SlurmError as exc:  # a lost node: Slurm ends it later
                         log.warning("aifab-models: scancel %s: %s", job, exc)
-        while len(pub.jobs) < pub.deployment["replicas"]:
-            await self.submit(pub)
+        # what answers goes to the router first; then the replacements, if any are due
         pub.upstreams = [i["url"] for i in pub.jobs.values() if i["url"]]
         pub.labels["slurm.jobs"] = ",".join(pub.jobs)
+        if not still_there():
+            return False
         self.registry.save()
+        if pub.deployment["until"] - now < 120 or now < self._backoff.get(pub.id, 0):
+            return False  # (no replica for its last two minutes; or after a refused sbatch)
+        while len(pub.jobs) < pub.deployment["replicas"] and still_there():
+            try:
+                await self.submit(pub)
+            except slurm.SlurmError as exc:
+                self._backoff[pub.id] = time.time() + 30
+                log.error("aifab-models: %s: a replacement replica was refused: %s; trying "
+                          "again in 30 s", pub.id, exc)
+                break
+        pub.labels["slurm.jobs"] = ",".join(pub.jobs)
+        if still_there():
+            self.registry.save()
         return False
 
     async def _states(self, jobs: list[str]) -> dict[str, tuple[str, str]]:
-        """Slurm's state and node of ``jobs`` (by the replicas' job name, not ``-j``: squeue
-        refuses ids it has purged); a job not listed has ended."""
+        """Slurm's state and node of ``jobs``: by the replicas' job name (``-j`` fails on ids
+        Slurm has purged), in every partition (``-a``), finished ones too (``-t all``)."""
         if not jobs:
             return {}
-        out = await slurm.arun(["squeue", "-h", f"--name={JOB_NAME}", "-o", "%i|%T|%N"],
-                               env=self.env)
+        out = await slurm.arun(["squeue", "-h", "-a", "-t", "all", f"--name={JOB_NAME}",
+                                "-o", "%i|%T|%N"], env=self.env)
         rows = (line.split("|") for line in out.splitlines() if line.count("|") == 2)
         return {job: (state, node) for job, state, node in rows if job in jobs}
 
-    async def _url(self, endpoint: Path, node: str) -> str:
+    async def _url(self, endpoint: Path, uid: int, info: dict) -> str:
+        """Where the replica of a running job listens: its endpoint.json (written by this
+        job on its node, after it was submitted), at the node's NodeAddr."""
         try:
-            port = int(json.loads(endpoint.read_text())["port"])
-        except (OSError, ValueError, KeyError):
+            written = json.loads(read_owned(endpoint, uid))
+            port = int(written["port"])
+            fresh = os.stat(endpoint, follow_symlinks=False).st_mtime >= info["submitted"] - 5
+        except (OSError, ValueError, KeyError, TypeError):
             return ""  # the replica has not started its front yet
-        out = await slurm.arun(["scontrol", "show", "node", "-o", node], env=self.env)
+        if not fresh or written.get("node") != info["node"] or not 0 < port < 65536:
+            return ""  # one of an earlier job with the same id, or not this node's
+        out = await slurm.arun(["scontrol", "show", "node", "-o", info["node"]], env=self.env)
         m = re.search(r"\bNodeAddr=(\S+)", out)
-        host = m.group(1) if m else node
+        host = m.group(1) if m else info["node"]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def logs(self, pub: Publication, job: str, n: int) -> dict[str, list[str]]:
+        """The last ``n`` lines of a replica's logs, read as the gateway may read a file in
+        an owner's folder (``read_owned``)."""
+        uid = self.owner_uid(pub.owner)
         folder = self.folder(pub.owner, pub.name)
         out = {}
         for what in ("replica", "vllm"):
-            path = folder / f"{what}-{job}.log"
             try:
-                out[what] = path.read_text(errors="replace").splitlines()[-n:]
+                out[what] = read_owned(folder / f"{what}-{job}.log", uid).splitlines()[-n:]
             except OSError:
                 out[what] = []
         return out
-

@@ -339,6 +339,11 @@ class PublishHandler(BaseHandler):
             groups = check_groups(body.get("groups"))
         except ValueError as exc:
             raise web.HTTPError(400, _esc(exc)) from None
+        existing = self.gw.registry.get(f"{owner}/{name}")
+        if (existing is not None and existing.deployment) or \
+                f"{owner}/{name}" in self.gw._reserved:
+            raise web.HTTPError(409, f"{owner}/{name} is a deployment: undeploy it first, or "
+                                     "serve this model under another name")
         pub = Publication(owner=owner, name=name, served_name=served, key=key, groups=groups,
                           labels=labels, upstreams=[self.gw.replica_url(owner, server, name)])
         try:
@@ -402,6 +407,9 @@ class DeploymentsHandler(BaseHandler):
         if self.gw.deployer is None:
             raise web.HTTPError(409, "this hub runs no deployments (add_models_service has "
                                      "no deploy=...): publish a session's model instead")
+        if not OWNER.fullmatch(owner):
+            raise web.HTTPError(400, f"the user name {_esc(owner[:80])!r} cannot own a "
+                                     "deployment here (letters, digits and . _ @ + -)")
         return owner
 
     async def get(self) -> None:
@@ -428,7 +436,7 @@ class DeploymentsHandler(BaseHandler):
         served = body.get("served_name") or name
         if not isinstance(served, str) or not re.fullmatch(SERVED_NAME_RULE, served):
             raise web.HTTPError(400, "served_name: the model name vLLM answers to")
-        if self.gw.registry.get(f"{owner}/{name}") is not None:
+        if self.gw.taken(f"{owner}/{name}"):
             raise web.HTTPError(409, f"{owner}/{name} is published already: undeploy or "
                                      "withdraw it first, or choose another name")
         try:
@@ -440,6 +448,8 @@ class DeploymentsHandler(BaseHandler):
             pub = await self.gw.deploy(owner, name, served, groups, request)
         except DeployError as exc:
             raise web.HTTPError(400, _esc(exc)) from None
+        except ValueError as exc:  # (the same name, deployed meanwhile)
+            raise web.HTTPError(409, _esc(exc)) from None
         except (slurm.SlurmError, RuntimeError) as exc:
             raise web.HTTPError(503, f"could not start the replicas: {_esc(exc)}") from None
         self.set_status(201)
@@ -465,8 +475,10 @@ class DeploymentHandler(PublicationHandler):
         n = self.get_argument("n", "100")
         if job not in pub.jobs and not re.fullmatch(r"[0-9]{1,12}", job):
             raise web.HTTPError(400, "job: the id of one of its replica jobs")
-        if not re.fullmatch(r"[0-9]{1,5}", n):
+        if not re.fullmatch(r"[0-9]{1,5}", n) or int(n) < 1:
             raise web.HTTPError(400, "n: the number of lines, 1 to 99999")
+        if self.gw.deployer is None:
+            raise web.HTTPError(409, "this hub runs no deployments any more")
         self.finish({"job": job, **self.gw.deployer.logs(pub, job, int(n))})
 
     async def delete(self, owner: str, name: str, logs: str = "") -> None:

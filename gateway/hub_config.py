@@ -76,8 +76,11 @@ def add_models_service(c, *, state_dir: str, port: int = 8182, host: str = "127.
     if user_role is None:
         user_role = {"name": "user", "scopes": ["self"]}
         roles.append(user_role)
-    if f"{SCOPE_PUBLISH}!user" not in user_role["scopes"]:
-        user_role["scopes"] = [*user_role["scopes"], f"{SCOPE_PUBLISH}!user"]
+    # ... and may log in to the gateway with the hub's OAuth (a browser): what a caller may
+    # use is still the custom scopes' business
+    for scope in (f"{SCOPE_PUBLISH}!user", f"access:services!service={SERVICE}"):
+        if scope not in user_role["scopes"]:
+            user_role["scopes"] = [*user_role["scopes"], scope]
     c.JupyterHub.load_roles = roles
     current = _given(c.Spawner, "server_token_scopes", [])
     c.Spawner.server_token_scopes = sorted(set(current) | set(SERVER_TOKEN_SCOPES))

@@ -142,10 +142,11 @@ class Router:
         except (OSError, httpclient.HTTPClientError):
             return {}
         listed = set(json.loads(r.body).get("urls", []))
-        healthy = await asyncio.gather(*(self._healthy(u) for u in listed))
+        healthy = await asyncio.gather(*(self.probe(u) for u in listed))
         return dict(zip(listed, healthy, strict=True))
 
-    async def _healthy(self, url: str) -> bool:
+    async def probe(self, url: str) -> bool:
+        """Whether a replica answers its /health, asked of the replica itself."""
         try:
             r = await self._http.fetch(f"{url}/health", request_timeout=3, raise_error=False)
             return r.code == 200

@@ -50,6 +50,9 @@ def hub(work_root, tiny_model, slurm_nodes, test_user):
     shutil.copytree(tiny_model, models / "tiny")
     for path in [models, *models.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+    mine = root / "deployments" / OWNER  # as a home would be: the owner's own
+    mine.mkdir(parents=True)
+    os.chown(mine, test_user.pw_uid, test_user.pw_gid)
     deploy = {"partition": "multi", "slurm_conf": slurm_nodes.env["SLURM_CONF"],
               "dir": str(root / "deployments" / "{owner}"), "max_replicas": 3}
     extra = f"""
@@ -79,10 +82,15 @@ for _s in c.JupyterHub.services:
         yield hub
     finally:
         hub.api("DELETE", f"/users/{OWNER}/server")
+        # the gateway first (it would submit replacements for what is cancelled under it),
+        # then whatever a failed test left on the shared two-node cluster
+        hub.stop()
         jobs = [j["job_id"] for j in slurm_nodes.squeue() if j["name"] == "aifab-deploy"]
         if jobs:
             slurm_nodes.run("scancel", *jobs, check=False)
-        hub.stop()
+            slurm_nodes.wait_for(
+                lambda: not [j for j in slurm_nodes.squeue() if j["name"] == "aifab-deploy"],
+                60, what="the replica jobs to end")
 
 
 def _as(hub, name: str) -> requests.Session:

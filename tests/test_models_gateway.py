@@ -25,16 +25,17 @@ EXTRA = f"""
 c.JupyterHub.cleanup_servers = False  # the owner's session outlives a hub restart
 c.Authenticator.manage_groups = False  # the test moves alice in and out of the group
 c.Authenticator.post_auth_hook = None
-c.JupyterHub.load_groups = {{"class": ["alice"], "tight": ["bob"]}}
+c.JupyterHub.load_groups = {{"class": ["alice"], "tight": ["bob"], "single": ["carol"]}}
 c.JupyterHub.load_roles = c.JupyterHub.load_roles + [{{
-    "name": "class-uses-teacher", "groups": ["class", "tight"],
+    "name": "class-uses-teacher", "groups": ["class", "tight", "single"],
     "scopes": ["custom:aifab-models:use!user=teacher"]}}]
 for _s in c.JupyterHub.services:
     if _s["name"] == "aifab-models":
         _s["environment"].update(
             AIFAB_MODELS_AUTH_CACHE="{AUTH_CACHE}",
             AIFAB_MODELS_LIMITS='{{"groups": {{"class": {{"concurrency": 2}}, '
-                                '"tight": {{"tokens_per_minute": 10}}}}}}')
+                                '"tight": {{"tokens_per_minute": 10}}, '
+                                '"single": {{"concurrency": 1}}}}}}')
 """
 MODEL = "teacher/chat"
 
@@ -62,12 +63,13 @@ def hub(work_root, tiny_model):
               env={"AIFAB_DEMO_STATE": str(state), "AIFAB_DEMO_SLURM": "0"})
     hub.start()
     hub.state = state
+    hub.password = (state / "password").read_text().strip()
     try:
         r = hub.api("POST", "/users", json={"usernames": ["teacher", "alice", "bob",
-                                                               "mallory"]})
+                                                               "carol", "mallory"]})
         assert r.status_code == 201, r.text
         hub.tokens = {name: _token(hub, name)
-                      for name in ("teacher", "alice", "bob", "mallory")}
+                      for name in ("teacher", "alice", "bob", "carol", "mallory")}
         yield hub
     finally:
         hub.api("DELETE", "/users/teacher/server")
@@ -104,10 +106,11 @@ def published(hub, tiny_model):
         time.sleep(1)
         svc = teacher.get(f"{base}/chat", timeout=30).json()
     assert svc["status"] == "ready", svc
-    r = teacher.post(f"{base}/chat/publish", json={"groups": ["class", "tight"]}, timeout=60)
+    r = teacher.post(f"{base}/chat/publish", json={"groups": ["class", "single", "tight"]},
+                     timeout=60)
     assert r.status_code == 200, r.text
     record = r.json()
-    assert record["id"] == MODEL and record["groups"] == ["class", "tight"]
+    assert record["id"] == MODEL and record["groups"] == ["class", "single", "tight"]
     assert "key" not in record and "key" not in json.dumps(teacher.get(f"{base}/chat").json())
     _wait_healthy(hub)
     return svc
@@ -261,6 +264,50 @@ def test_past_the_token_limit_a_participant_gets_429_with_retry_after(hub, publi
     assert r.json()["error"]["type"] == "rate_limit_error"
     # alice, in another group, is not held back by bob's use
     assert _as(hub, "alice").post(url, json=body, timeout=60).status_code == 200
+
+
+def test_past_the_concurrency_limit_a_participant_gets_429_with_retry_after(hub, published):
+    """carol's group may have one request in flight: while a long generation of hers runs,
+    her next request is refused."""
+    carol = _client(hub, "carol")
+    url = _gateway(hub) + "v1/chat/completions"
+    small = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):  # (on a fast machine the long one may end first: then try again)
+        long = carol.chat.completions.create(  # returns at its first event: in flight
+            model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=2000,
+            stream=True, extra_body={"ignore_eos": True})
+        try:
+            r = _as(hub, "carol").post(url, json=small, timeout=30)
+        finally:
+            long.close()
+        if r.status_code != 200:
+            break
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == "1"
+    assert "limit is 1" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 30  # the closed stream frees the slot
+    while (r := _as(hub, "carol").post(url, json=small, timeout=30)).status_code == 429:
+        assert time.monotonic() < deadline, "the slot of a closed stream was never freed"
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+
+
+def test_a_browser_logs_in_with_the_hubs_oauth_and_posts_need_its_xsrf_token(hub, published):
+    """No token: a browser is sent through the hub's login (OAuth) and comes back with the
+    gateway's cookie; a cookie alone does not make a POST (that needs the XSRF token)."""
+    from aifab.spawners.hub_client import HubSession
+
+    person = HubSession(hub.url)
+    assert person.login("alice", hub.password).status_code in (200, 302)
+    r = person.http.get(_gateway(hub) + "v1/models", timeout=30,
+                        headers={"Accept": "text/html,application/json"})
+    assert r.status_code == 200, (r.status_code, r.url, r.text[:300])
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+    assert any("aifab-models" in c.name for c in person.http.cookies), \
+        [c.name for c in person.http.cookies]
+    r = person.http.post(_gateway(hub) + "v1/chat/completions", timeout=30, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 403, r.text
 
 
 def test_a_caller_who_leaves_ends_the_generation_on_the_replica(hub, published):

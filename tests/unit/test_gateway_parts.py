@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 from datetime import datetime
 
 import pytest
@@ -136,7 +135,8 @@ def test_the_hub_config_in_one_call_keeps_what_the_site_set(tmp_path):
     assert json.loads(svc["environment"]["AIFAB_MODELS_LIMITS"])["groups"]["class"] == {
         "concurrency": 2}
     user = next(r for r in c.JupyterHub.load_roles if r["name"] == "user")
-    assert user["scopes"] == ["self", "read:groups", f"{SCOPE_PUBLISH}!user"]
+    assert user["scopes"] == ["self", "read:groups", f"{SCOPE_PUBLISH}!user",
+                              "access:services!service=aifab-models"]
     assert {"read:users:name!user", SCOPE_USE, f"{SCOPE_PUBLISH}!user",
             "access:servers!server"} <= set(c.Spawner.server_token_scopes)
     add_models_service(c, state_dir=str(tmp_path))  # twice: still one service, one grant
@@ -237,13 +237,57 @@ def test_a_replica_job_runs_as_its_owner_with_the_walltime_and_no_shell_string(t
     pub = Publication(owner="ada", name="chat", served_name="chat", upstreams=[], key="k",
                       groups=["class"], deployment={"model": "/models/my model; rm -rf /",
                                                     "gpus": 1, "max_model_len": 0})
-    deployer.avoid = {"node7": time.time() + 60, "node8": time.time() - 1}
-    script = deployer.script(pub, tmp_path, 90)
+    script = deployer.script(pub, tmp_path, 90, {"node7"})
     assert "#SBATCH --time=90" in script and "#SBATCH --partition=gh200" in script
     assert "#SBATCH --gpus=1" in script and "#SBATCH --exclude=node7\n" in script
+    assert "#SBATCH --no-requeue" in script
+    assert "--exclude" not in deployer.script(pub, tmp_path, 90)
     assert "'/models/my model; rm -rf /'" in script  # one argument, quoted
     assert deployer._prefix("ada") == ["sudo", "-E", "-u", "ada"]
     with pytest.raises(ValueError, match="unknown keys"):
         DeploySettings.from_json('{"partitions": "x"}')
     with pytest.raises(ValueError, match="Slurm name"):
         DeploySettings.from_json('{"partition": "a b"}')
+
+
+def test_the_gateway_reads_only_regular_files_of_the_owner_and_only_their_tail(tmp_path):
+    import os
+
+    from aifab.gateway.deployments import read_owned
+
+    uid = os.getuid()
+    log = tmp_path / "replica-1.log"
+    log.write_text("x" * 1000 + "last line\n")
+    assert read_owned(log, uid, cap=20).endswith("last line\n")
+    assert len(read_owned(log, uid, cap=20)) == 20
+    secret = tmp_path / "secret"
+    secret.write_text("not for the owner")
+    (tmp_path / "replica-2.log").symlink_to(secret)
+    os.mkfifo(tmp_path / "replica-3.log")
+    for name in ("replica-2.log", "replica-3.log"):  # a link, a FIFO (which would block)
+        with pytest.raises(OSError):
+            read_owned(tmp_path / name, uid)
+    with pytest.raises(OSError, match="owner"):
+        read_owned(log, uid + 1)  # someone else's file
+
+
+def test_the_deployments_folder_and_key_are_made_fresh_never_through_a_link(tmp_path):
+    import asyncio
+    import getpass
+    import sys
+
+    from aifab.gateway.deployments import Deployer, DeploySettings
+
+    settings = DeploySettings(dir=str(tmp_path / "{owner}"), min_uid=0)
+    deployer = Deployer(settings, registry=None, python=sys.executable)
+    owner = getpass.getuser()
+    folder = tmp_path / owner / "chat"
+    folder.mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    (folder / "key").symlink_to(target)  # planted by the owner
+    made, key = asyncio.run(deployer._prepare(owner, "chat"))
+    assert made == folder and (folder / "key").read_text() == key
+    assert not (folder / "key").is_symlink() and target.read_text() == "untouched"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "key").stat().st_mode) == 0o600
