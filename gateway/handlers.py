@@ -29,7 +29,7 @@ from aifab.names import SERVICE_NAME, SERVICE_NAME_RULE
 
 from .hub_config import SCOPE_PUBLISH, SCOPE_USE
 from .limits import LimitError
-from .registry import OWNER, Publication, check_groups, parse_model_id
+from .registry import LABEL_KEY, OWNER, Publication, check_groups, parse_model_id
 
 SERVED_NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}"
 OPENAI_ROUTES = ("chat/completions", "completions", "embeddings")
@@ -84,6 +84,21 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         # OpenAI's error shape, so the SDK raises with the message
         self.finish(json.dumps({"error": {"message": message, "type": _error_type(status_code),
                                           "code": status_code}}))
+
+    def publisher(self, doing: str) -> str:
+        """The calling user's name, if they may publish as themselves (``publish!user=``
+        THEM) and the name can own a model id; 403 or 400 otherwise."""
+        user = self.current_user
+        owner = user["name"]
+        if user.get("kind") != "user" or not self.hub_auth.check_scopes(
+                f"{SCOPE_PUBLISH}!user={owner}", user):
+            raise web.HTTPError(403, f"{_esc(owner)} may not {doing}: that needs "
+                                     f"{SCOPE_PUBLISH}!user={_esc(owner)}")
+        if not OWNER.fullmatch(owner):
+            raise web.HTTPError(400, f"the user name {_esc(owner[:80])!r} cannot own a "
+                                     "model here (a model id allows letters, digits and "
+                                     ". _ @ + -, at most 64)")
+        return owner
 
     def json_body(self) -> dict:
         if len(self.request.body) > self.gw.max_body:
@@ -304,16 +319,7 @@ class PublishHandler(BaseHandler):
         self.finish({"models": [p.public(await self.gw.health(p)) for p in mine]})
 
     async def post(self) -> None:
-        user = self.current_user
-        owner = user["name"]
-        if user.get("kind") != "user" or not self.hub_auth.check_scopes(
-                f"{SCOPE_PUBLISH}!user={owner}", user):
-            raise web.HTTPError(403, f"{_esc(owner)} may not publish models: that needs "
-                                     f"{SCOPE_PUBLISH}!user={_esc(owner)}")
-        if not OWNER.fullmatch(owner):
-            raise web.HTTPError(400, f"the user name {_esc(owner[:80])!r} cannot own a "
-                                     "published model here (a model id allows letters, "
-                                     "digits and . _ @ + -, at most 64)")
+        owner = self.publisher("publish models")
         body = self.json_body()
         unknown = set(body) - {"name", "served_name", "key", "groups", "labels", "server_name"}
         if unknown:
@@ -332,7 +338,7 @@ class PublishHandler(BaseHandler):
                                      "name")
         labels = body.get("labels") or {}
         if not isinstance(labels, dict) or not all(
-                isinstance(k, str) and re.fullmatch(r"[a-z][a-z0-9_.-]{0,39}", k)
+                isinstance(k, str) and LABEL_KEY.fullmatch(k)
                 and isinstance(v, str) and len(v) <= 200 for k, v in labels.items()):
             raise web.HTTPError(400, "labels: an object of short lowercase names to strings")
         try:
@@ -362,9 +368,9 @@ class PublicationHandler(BaseHandler):
         pub = self.gw.registry.get(f"{owner}/{name}")
         if pub is None:
             raise web.HTTPError(404, f"no published model {owner}/{name}")
-        if user["name"] != owner or not self.hub_auth.check_scopes(
-                f"{SCOPE_PUBLISH}!user={owner}", user):
+        if user["name"] != owner:
             raise web.HTTPError(403, f"only {owner} withdraws or inspects {owner}/{name}")
+        self.publisher(f"manage {owner}/{name}")
         return pub
 
     async def get(self, owner: str, name: str) -> None:
@@ -398,18 +404,10 @@ class DeploymentsHandler(BaseHandler):
     gateway keeps until ``until``, outliving the session)."""
 
     def _owner(self) -> str:
-        user = self.current_user
-        owner = user["name"]
-        if user.get("kind") != "user" or not self.hub_auth.check_scopes(
-                f"{SCOPE_PUBLISH}!user={owner}", user):
-            raise web.HTTPError(403, f"{_esc(owner)} may not deploy models: that needs "
-                                     f"{SCOPE_PUBLISH}!user={_esc(owner)}")
+        owner = self.publisher("deploy models")
         if self.gw.deployer is None:
             raise web.HTTPError(409, "this hub runs no deployments (add_models_service has "
                                      "no deploy=...): publish a session's model instead")
-        if not OWNER.fullmatch(owner):
-            raise web.HTTPError(400, f"the user name {_esc(owner[:80])!r} cannot own a "
-                                     "deployment here (letters, digits and . _ @ + -)")
         return owner
 
     async def get(self) -> None:

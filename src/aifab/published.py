@@ -26,15 +26,7 @@ def _token(token: str | None) -> str:
 
 def models(token: str | None = None) -> list[dict]:
     """The published models this user may use: ``[{"id": "OWNER/NAME", "owned_by", ...}]``."""
-    r = requests.get(models_url() + "v1/models", timeout=30,
-                     headers={"Authorization": f"Bearer {_token(token)}"})
-    if r.status_code >= 400:
-        try:
-            message = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = r.text
-        raise RuntimeError(f"the models gateway says ({r.status_code}): {message}")
-    return r.json()["data"]
+    return _gateway("GET", "v1/models", token, timeout=30)["data"]
 
 
 def client(token: str | None = None, **kwargs):
